@@ -1,0 +1,14 @@
+"""The blend's four hot operations, each with a plain-torch reference and a Triton kernel.
+
+`backend="auto"` runs Triton on CUDA tensors and torch elsewhere; the blend executor calls only
+the functions exported here.
+"""
+from kvblend.kernels.kv_deviation import kv_deviation
+from kvblend.kernels.rope_realign import rope_realign, rotate
+from kvblend.kernels.scatter_rows import scatter_rows, scatter_rows_paged
+from kvblend.kernels.selected_attention import AttentionPlan, plan_attention, selected_attention
+
+__all__ = [
+    "AttentionPlan", "kv_deviation", "plan_attention", "rope_realign", "rotate",
+    "scatter_rows", "scatter_rows_paged", "selected_attention",
+]

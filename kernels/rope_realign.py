@@ -1,0 +1,49 @@
+"""RoPE realignment: rotate position-free (pre-RoPE) keys to their absolute positions and gather
+them into the fused per-layer buffer, whose row index is the absolute position."""
+from __future__ import annotations
+
+import torch
+
+from kvblend.kernels.dispatch import use_triton
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Apply RoPE to x [..., T, D] with cos/sin [T, D] (HF's duplicated-halves tables)."""
+    if interleaved:
+        half = x.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        pairs = x.unflatten(-1, (half, 2))
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def rope_realign_torch(keys, cos, sin, positions, out=None, interleaved=False):
+    rotated = rotate(keys, cos.index_select(0, positions), sin.index_select(0, positions), interleaved)
+    if out is None:
+        return rotated
+    return out.index_copy_(1, positions, rotated.to(out.dtype))
+
+
+def rope_realign(
+    keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    out: torch.Tensor | None = None,
+    interleaved: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Rotate keys [KV, L, D] to `positions` [L]; write them into out[:, positions] if given.
+
+    cos/sin are [P, D] tables from the model's rotary embedding (P > max position), so scaled
+    RoPE variants come for free. Returns `out` (or the rotated keys when out is None).
+    """
+    if keys.shape[1] != positions.shape[0]:
+        raise ValueError(f"{keys.shape[1]} key rows but {positions.shape[0]} positions")
+    if use_triton(backend, keys, cos, sin):
+        from kvblend.kernels.triton_rope import rope_realign_triton
+
+        return rope_realign_triton(keys, cos, sin, positions, out, interleaved)
+    return rope_realign_torch(keys, cos, sin, positions, out, interleaved)

@@ -1,0 +1,186 @@
+"""The Python API: `KVBlend` precomputes chunk caches and answers questions over chunks."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from kvblend.blend.chunks import chunk_key, encode_chunk, resolve_chunk_context
+from kvblend.blend.executor import BlendExecutor, CachedSpan
+from kvblend.blend.plan import Prompt, PromptBuilder
+from kvblend.config import BlendConfig, KVBlendConfig
+from kvblend.engines.hf import Sampling, decode, full_prefill, to_dynamic_cache
+from kvblend.models import LayerwiseModel, load_model
+from kvblend.store import ChunkKV, KVStore, open_store
+
+Method = Literal["blend", "full", "reuse"]
+METHODS = ("blend", "full", "reuse")
+REUSE = BlendConfig(recompute_ratio=0.0, check_layers=[])
+
+
+@dataclass
+class RequestStats:
+    method: str
+    tokens_total: int = 0
+    tokens_cached: int = 0
+    tokens_recomputed: int = 0
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    stages_s: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Prefill:
+    """A prompt's KV for every layer plus its last-token logits: what decoding starts from."""
+
+    ids: torch.Tensor
+    cache: object  # transformers DynamicCache
+    logits: torch.Tensor
+    stats: RequestStats
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    ttft_s: float
+    stats: RequestStats
+
+
+class KVBlend:
+    """Blend-aware RAG generation over one model and one KV store.
+
+    >>> kb = KVBlend()                              # SmolLM2-135M on CPU, caches in memory
+    >>> kb.precompute(["chunk one ...", "chunk two ..."])
+    >>> kb.generate(["chunk two ...", "chunk one ..."], "question?").text
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        store: str | KVStore | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        config: KVBlendConfig | BlendConfig | None = None,
+    ):
+        if isinstance(config, BlendConfig):
+            config = KVBlendConfig(blend=config)
+        config = (config or KVBlendConfig()).model_copy()
+        for name, value in (("model", model), ("device", device), ("dtype", dtype)):
+            if value is not None:
+                setattr(config, name, value)
+        if isinstance(store, str) or store is None:
+            config.store = store if store is not None else config.store
+        self.config = KVBlendConfig.model_validate(config.model_dump())
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.model, self.tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
+        self.adapter = LayerwiseModel(self.model)
+        self.builder = PromptBuilder(self.tokenizer)
+        self.store: KVStore = store if store is not None and not isinstance(store, str) else open_store(self.config.store)
+        self.executor = BlendExecutor(self.adapter, self.config.blend)
+        self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.tokenizer)
+        self.stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+
+    # -- chunks -------------------------------------------------------------------------------
+    def key_for(self, token_ids: list[int]) -> str:
+        return chunk_key(self.adapter.fingerprint, self.context_ids, token_ids, self.adapter.dtype)
+
+    def precompute(self, texts: Iterable[str], on_chunk: Callable[[int, bool], None] | None = None) -> list[str]:
+        """Encode each text's KV into the store (skipping those already there); returns their keys.
+
+        on_chunk(num_tokens, computed) is called after each text, for progress reporting.
+        """
+        keys = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"chunk {i} is empty")
+            ids = self.builder.encode(text)
+            key = self.key_for(ids)
+            computed = not self.store.contains(key)
+            if computed:
+                self.store.put(key, encode_chunk(self.adapter, self.context_ids, ids, key))
+            keys.append(key)
+            if on_chunk:
+                on_chunk(len(ids), computed)
+        return keys
+
+    def _lookup(self, key: str, n_tokens: int) -> ChunkKV | None:
+        """A usable cache for this chunk, or None: foreign or misshapen objects are misses."""
+        kv = self.store.get(key)
+        m = self.adapter
+        if kv is None or kv.fingerprint != m.fingerprint:
+            return None
+        if kv.keys.shape != (m.num_layers, m.num_kv_heads, n_tokens, m.head_dim) or kv.keys.dtype != m.dtype:
+            return None
+        return kv
+
+    # -- prompts --------------------------------------------------------------------------------
+    def build_prompt(self, chunks: list[str], question: str) -> Prompt:
+        return self.builder.build(list(chunks), question)
+
+    def prefill(self, chunks: list[str], question: str, method: Method = "blend", config: BlendConfig | None = None, profile: bool = False) -> Prefill:
+        """Run the prompt's prefill by `method`; the result holds the cache and first-token logits."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        t0 = time.perf_counter()
+        prompt = self.build_prompt(chunks, question)
+        ids = torch.tensor(prompt.ids, device=self.adapter.device)
+        stats = RequestStats(method=method, tokens_total=ids.numel())
+        if ids.numel() > self.adapter.max_positions:
+            raise ValueError(f"prompt of {ids.numel()} tokens exceeds the model's context of {self.adapter.max_positions} positions")
+        if method == "full":
+            cache, logits = full_prefill(self.model, ids)
+            stats.tokens_recomputed = 0
+        else:
+            spans = []
+            for seg, start in zip(prompt.segments, prompt.starts()):
+                if seg.chunk is None:
+                    continue
+                kv = self._lookup(self.key_for(seg.ids), len(seg.ids))
+                if kv is None:
+                    stats.chunk_misses += 1
+                else:
+                    stats.chunk_hits += 1
+                    spans.append(CachedSpan(start, kv))
+            stats.stages_s["lookup"] = time.perf_counter() - t0
+            cfg = REUSE if method == "reuse" else (config or self.config.blend)
+            out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile)
+            cache, logits = to_dynamic_cache(self.model.config, out.keys, out.values), out.logits
+            stats.tokens_cached = sum(s.kv.num_tokens for s in spans)
+            stats.tokens_recomputed = out.recomputed
+            stats.stages_s.update(out.timings)
+        stats.ttft_s = time.perf_counter() - t0
+        return Prefill(ids=ids, cache=cache, logits=logits, stats=stats)
+
+    # -- generation -----------------------------------------------------------------------------
+    def stream(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: Method = "blend",
+               sampling: Sampling | None = None, config: BlendConfig | None = None) -> Iterator[int]:
+        """Yield generated token ids as they come."""
+        pre = self.prefill(chunks, question, method, config)
+        yield from decode(self.model, pre.cache, pre.logits, pre.ids.numel(), max_new_tokens, sampling or Sampling(), self.stop_ids)
+
+    def generate(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: Method = "blend",
+                 sampling: Sampling | None = None, config: BlendConfig | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
+        """Answer `question` over `chunks` (in the given order); the first token comes from the blend."""
+        pre = self.prefill(chunks, question, method, config)
+        tokens: list[int] = []
+        t1 = time.perf_counter()
+        for tok in decode(self.model, pre.cache, pre.logits, pre.ids.numel(), max_new_tokens, sampling or Sampling(), self.stop_ids):
+            tokens.append(tok)
+            if on_text:
+                on_text(self.tokenizer.decode([tok], skip_special_tokens=True))
+        pre.stats.decode_s = time.perf_counter() - t1
+        text = self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True)
+        return GenerateResult(text=text.strip(), token_ids=tokens, ttft_s=pre.stats.ttft_s, stats=pre.stats)

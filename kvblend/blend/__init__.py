@@ -1,0 +1,1 @@
+"""Blending: chunk encoding, prompt planning, token selection and the layer-wise executor."""

@@ -1,0 +1,210 @@
+"""The layer-wise blend executor (CacheBlend, with exact masking and non-prefix reuse).
+
+Per layer, the fused KV buffer holds, at row p, the KV of the token at absolute position p:
+cached rows are realigned from the store (position-free keys rotated to p), and every token
+still "active" overwrites its row with freshly computed K/V. Layers before the first check layer
+run all tokens. A check layer ranks the active cached tokens (KV deviation, optionally weighted
+by the question's attention) and keeps the top ceil(r·N_cached) plus every fresh token; from then
+on only those are computed, attending to the whole fused buffer under an exact position mask.
+The last prompt token is always fresh, so its logits come out of the blend itself.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from kvblend.blend.selection import budget, keep_top, query_attention, rank_scores
+from kvblend.config import BlendConfig
+from kvblend.kernels import kv_deviation, plan_attention, rope_realign, rotate, scatter_rows, selected_attention
+from kvblend.models.adapter import LayerwiseModel
+
+
+class LayerSource(Protocol):
+    """A chunk's cached KV, read one layer at a time (may fetch lazily)."""
+
+    num_tokens: int
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class CachedSpan:
+    """A cached chunk placed at absolute positions start .. start+num_tokens-1."""
+
+    start: int
+    kv: LayerSource
+
+    @property
+    def end(self) -> int:
+        return self.start + self.kv.num_tokens
+
+
+@dataclass
+class BlendOutput:
+    keys: list[torch.Tensor]  # per layer [KV, N, D], rotated at absolute positions
+    values: list[torch.Tensor]
+    logits: torch.Tensor  # [vocab] float32, the last prompt token
+    recomputed: int  # cached tokens recomputed after the last check layer
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Stopwatch:
+    """Accumulates wall time per stage (synchronising CUDA so times are honest) when enabled."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self.enabled = enabled
+        self.sync = enabled and device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if not self.enabled:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.totals[stage] += time.perf_counter() - t
+
+
+class BlendExecutor:
+    def __init__(self, adapter: LayerwiseModel, config: BlendConfig | None = None):
+        self.m = adapter
+        self.config = config or BlendConfig()
+        if self.config.check_layers and self.config.check_layers[-1] >= adapter.num_layers:
+            raise ValueError(f"check layer {self.config.check_layers[-1]} is past the model's {adapter.num_layers} layers")
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].shape[0] < n:
+            self._rope = self.m.rope_tables(max(n, 4096))
+        return self._rope
+
+    @torch.inference_mode()
+    def run(
+        self,
+        ids: torch.Tensor,
+        spans: list[CachedSpan],
+        question_start: int | None = None,
+        config: BlendConfig | None = None,
+        profile: bool = False,
+    ) -> BlendOutput:
+        """Blend one prompt: ids [N] with cached spans (any order of hits and fresh text)."""
+        cfg = config or self.config
+        m, dev = self.m, self.m.device
+        n = ids.numel()
+        if n == 0:
+            raise ValueError("empty prompt")
+        if n > m.max_positions:
+            raise ValueError(f"prompt of {n} tokens exceeds the model's context of {m.max_positions} positions")
+        if m.sliding_window and n > m.sliding_window:
+            raise ValueError(f"prompt of {n} tokens exceeds the model's sliding window of {m.sliding_window}")
+        spans = sorted(spans, key=lambda s: s.start)
+        is_cached = torch.zeros(n, dtype=torch.bool)
+        for a, b in zip(spans, spans[1:]):
+            if a.end > b.start:
+                raise ValueError(f"cached spans overlap at positions {b.start}..{a.end - 1}")
+        for s in spans:
+            is_cached[s.start : s.end] = True
+        if spans and (spans[-1].end > n or is_cached[-1]):
+            raise ValueError("the last prompt token must be fresh (end the prompt with the question)")
+        is_cached = is_cached.to(dev)
+        n_cached = int(is_cached.sum())
+        watch = Stopwatch(profile, dev)
+        cos, sin = self._rope_tables(n)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        positions = torch.arange(n, device=dev)
+        sink = torch.zeros(n, dtype=torch.bool, device=dev)
+        for s in spans:
+            sink[s.start : s.start + min(cfg.sink_tokens, s.kv.num_tokens)] = True
+
+        checks = dict(zip(cfg.check_layers, cfg.ratios()))
+        active = positions  # positions whose hidden states are carried
+        if not checks and cfg.recompute_ratio == 0.0:
+            active = positions[~is_cached]
+        plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block)
+        h = m.embed(ids.to(dev))[active]
+        keys_out, values_out = [], []
+        recomputed = n_cached if active.numel() == n else 0
+        for i in range(m.num_layers):
+            with watch("qkv"):
+                q, k, v = m.qkv(i, h)
+            all_active = active.numel() == n
+            if all_active and i not in checks:
+                with watch("rope"):
+                    keys, values = rotate(k, cos[:n], sin[:n]), v
+            else:
+                keys, values = self._fused_buffers(i, spans, n, cos, sin, k, cfg.backend, watch)
+            keep = None
+            if i in checks:
+                with watch("select"):
+                    keep = self._select(cfg, checks[i], n_cached, active, is_cached, sink, q, k, v, keys, values, question_start, cos, sin, generator)
+            if not all_active or i in checks:
+                with watch("scatter"):
+                    rope_realign(k, cos, sin, active, out=keys, backend=cfg.backend)
+                    scatter_rows(v, values, active, backend=cfg.backend)
+            keys_out.append(keys)
+            values_out.append(values)
+            if keep is not None:
+                q, h, active = q[:, keep], h[keep], active[keep]
+                recomputed = int(is_cached[active].sum())
+                plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block)
+            if i == m.num_layers - 1:
+                h = h[-1:]  # only the last prompt token's output is needed
+                q = q[:, -1:]
+                plan = plan_attention(active[-1:], n, m.num_heads // m.num_kv_heads, cfg.attention_block)
+            with watch("attention"):
+                q_rot = rotate(q, cos.index_select(0, plan.q_pos), sin.index_select(0, plan.q_pos))
+                attn = selected_attention(q_rot, keys, values, plan, m.scaling, backend=cfg.backend)
+            with watch("mlp"):
+                h = m.mlp(i, m.attn_out(i, h, attn))
+        logits = m.logits(h)[-1]
+        return BlendOutput(keys_out, values_out, logits, recomputed, dict(watch.totals))
+
+    def _fused_buffers(self, i, spans, n, cos, sin, k_fresh, backend, watch):
+        """Layer i's buffers with every cached row realigned (fresh rows are scattered after)."""
+        kv_heads, d = k_fresh.shape[0], k_fresh.shape[2]
+        keys = torch.empty((kv_heads, n, d), dtype=k_fresh.dtype, device=k_fresh.device)
+        values = torch.empty_like(keys)
+        for s in spans:
+            with watch("load"):
+                ck, cv = s.kv.layer(i)
+                ck = ck.to(keys.device, keys.dtype, non_blocking=True)
+                cv = cv.to(keys.device, keys.dtype, non_blocking=True)
+            with watch("realign"):
+                rope_realign(ck, cos, sin, torch.arange(s.start, s.end, device=keys.device), out=keys, backend=backend)
+                values[:, s.start : s.end] = cv
+        return keys, values
+
+    def _select(self, cfg, ratio, n_cached, active, is_cached, sink, q, k, v, keys, values, question_start, cos, sin, generator):
+        """Indices into `active` kept after this check layer: all fresh tokens + the best cached."""
+        cand = is_cached[active].nonzero().squeeze(1)  # indices into active
+        pos = active[cand]
+        if cfg.deviation == "v":
+            dev = kv_deviation(v[:, cand], values[:, pos], backend=cfg.backend)
+        else:
+            fresh_k = rotate(k[:, cand], cos.index_select(0, pos), sin.index_select(0, pos))
+            dev = kv_deviation(fresh_k, keys[:, pos], backend=cfg.backend)
+            if cfg.deviation == "kv":
+                dv = kv_deviation(v[:, cand], values[:, pos], backend=cfg.backend)
+                dev = dev / dev.mean().clamp_min(1e-12) + dv / dv.mean().clamp_min(1e-12)
+        attention = None
+        if cfg.selection == "query" and question_start is not None:
+            qmask = active >= question_start
+            q_pos = active[qmask]
+            q_rot = rotate(q[:, qmask], cos.index_select(0, q_pos), sin.index_select(0, q_pos))
+            fused_k = keys.clone()
+            rope_realign(k, cos, sin, active, out=fused_k, backend=cfg.backend)
+            attention = query_attention(q_rot, fused_k, q_pos, self.m.scaling)[pos]
+        scores = rank_scores(cfg, dev.cpu(), None if attention is None else attention.cpu(), generator)
+        kept = keep_top(scores, sink[pos].cpu(), budget(ratio, n_cached)).to(cand.device)
+        keep = torch.cat([(~is_cached[active]).nonzero().squeeze(1), cand[kept]])
+        return keep.sort().values

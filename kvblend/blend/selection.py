@@ -1,0 +1,49 @@
+"""Which cached tokens a check layer keeps for recompute.
+
+CacheBlend ranks cached tokens by how far their fresh KV strays from the cached KV. Two
+refinements live here too, both spending the same budget: attention sinks (the first tokens of
+each chunk, which a standalone encoding over-attends) and query-aware ranking (the attention the
+question pays each token at the check layer).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvblend.config import BlendConfig
+
+
+def budget(ratio: float, n_cached: int) -> int:
+    """Cached tokens kept at this ratio: ceil(r·N_cached)."""
+    return min(n_cached, math.ceil(ratio * n_cached - 1e-9))
+
+
+def query_attention(q_question: torch.Tensor, keys: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Mean attention probability the question's queries [H, Tq, D] pay each key [KV, N, D] → [N]."""
+    heads, kv_heads = q_question.shape[0], keys.shape[0]
+    group = heads // kv_heads
+    k = keys.repeat_interleave(group, dim=0).float()
+    scores = torch.einsum("htd,hnd->htn", q_question.float(), k) * scale
+    visible = torch.arange(keys.shape[1], device=keys.device)[None, :] <= q_pos[:, None]
+    scores.masked_fill_(~visible[None], float("-inf"))
+    return scores.softmax(dim=-1).mean(dim=(0, 1))
+
+
+def rank_scores(cfg: BlendConfig, deviation: torch.Tensor, attention: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """Higher = recompute first."""
+    if cfg.selection == "random":
+        return torch.rand(deviation.shape, generator=generator)
+    if cfg.selection == "query" and attention is not None and cfg.query_weight > 0:
+        d = deviation / deviation.mean().clamp_min(1e-12)
+        a = attention / attention.mean().clamp_min(1e-12)
+        return d * a.pow(cfg.query_weight)
+    return deviation
+
+
+def keep_top(scores: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k best scores, forced indices first (they count in the k)."""
+    scores = scores.clone()
+    scores[forced] = float("inf")
+    k = min(k, scores.numel())
+    return torch.topk(scores, k, sorted=False).indices.sort().values

@@ -1,0 +1,1 @@
+"""Decoding engines: continue generation from a fused KV cache."""

@@ -1,0 +1,78 @@
+"""transformers engine (the embedded default): the fused KV becomes a `DynamicCache` and the
+model's own forward decodes from it, one token at a time, streaming."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class Sampling:
+    """temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"bad sampling parameters: temperature={self.temperature}, top_p={self.top_p}")
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        if self.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
+        if self.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            cut = sorted_p.cumsum(0) - sorted_p >= self.top_p
+            sorted_p[cut] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def to_dynamic_cache(config, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
+    """Per-layer [KV, N, D] tensors (keys rotated at absolute positions) → DynamicCache."""
+    cache = DynamicCache(config=config)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k[None], v[None], i)
+    return cache
+
+
+@torch.inference_mode()
+def full_prefill(model, ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Plain prefill with the model's own forward: (cache, last-token logits float32)."""
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, out.logits[0, -1].float()
+
+
+@torch.inference_mode()
+def step_logits(model, cache: DynamicCache, tokens: list[int], start: int) -> torch.Tensor:
+    """Feed tokens at positions start.. onto the cache; logits [len(tokens), vocab] float32."""
+    ids = torch.tensor([tokens], device=model.device)
+    pos = torch.arange(start, start + len(tokens), device=model.device)[None]
+    return model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits[0].float()
+
+
+def decode(
+    model,
+    cache: DynamicCache,
+    first_logits: torch.Tensor,
+    n_prompt: int,
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_ids: set[int],
+) -> Iterator[int]:
+    """Yield generated token ids; the first comes from the prefill's logits, the rest from the cache."""
+    generator = torch.Generator().manual_seed(sampling.seed)
+    logits, pos = first_logits, n_prompt
+    for _ in range(max_new_tokens):
+        token = sampling.pick(logits, generator)
+        yield token
+        if token in stop_ids:
+            return
+        logits = step_logits(model, cache, [token], pos)[-1]
+        pos += 1
