@@ -1,0 +1,78 @@
+"""The two RAG formats kvblend evaluates on.
+
+- CacheBlend prompt files: {"0": chunk, ..., "k-1": chunk, "chunk_num": k, "query": question}
+- MuSiQue-style lists: [{"question", "answers", "ctxs": [{"title", "text"}]}]
+A plain JSON list of strings is accepted as a chunks file too.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QA_INSTRUCTION = (
+    "Answer the question based on the given passages. Answer the question within 5 words. "
+    "Do NOT repeat the question or output any other words. Question: {question}\nAnswer:"
+)
+
+
+@dataclass
+class Record:
+    chunks: list[str]
+    question: str
+    answers: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from exc
+
+
+def _cacheblend(obj: dict, path: Path) -> Record:
+    try:
+        n = int(obj["chunk_num"])
+        return Record(chunks=[obj[str(i)] for i in range(n)], question=obj["query"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path}: not a CacheBlend prompt file (missing {exc})") from exc
+
+
+def _musique(obj: dict, top_k: int | None) -> Record:
+    ctxs = obj["ctxs"][:top_k] if top_k else obj["ctxs"]
+    chunks = [f"{c['title']}\n{c['text']}" if c.get("title") else c["text"] for c in ctxs]
+    return Record(chunks=chunks, question=QA_INSTRUCTION.format(question=obj["question"]), answers=list(obj["answers"]))
+
+
+def load_chunks_file(path: Path) -> Record:
+    """One prompt: a CacheBlend file, or a JSON list of chunk strings (no question)."""
+    obj = _read_json(path)
+    if isinstance(obj, dict):
+        return _cacheblend(obj, path)
+    if isinstance(obj, list) and obj and all(isinstance(c, str) for c in obj):
+        return Record(chunks=obj, question="")
+    raise ValueError(f"{path}: expected a CacheBlend prompt object or a list of chunk strings")
+
+
+def load_dataset(path: Path, top_k: int | None = None, limit: int | None = None) -> list[Record]:
+    """A dataset: a CacheBlend file, a folder of them, or a MuSiQue-style list."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.json"), key=lambda p: (len(p.stem), p.stem))
+        if not files:
+            raise ValueError(f"{path}: no .json prompt files in this folder")
+        records = [_cacheblend(_read_json(f), f) for f in files]
+    else:
+        obj = _read_json(path)
+        if isinstance(obj, dict):
+            records = [_cacheblend(obj, path)]
+        elif isinstance(obj, list) and obj and isinstance(obj[0], dict) and "ctxs" in obj[0]:
+            try:
+                records = [_musique(r, top_k) for r in obj]
+            except (KeyError, TypeError) as exc:
+                raise ValueError(f"{path}: a MuSiQue-style record lacks {exc}") from exc
+        else:
+            raise ValueError(f"{path}: neither a CacheBlend prompt file nor a MuSiQue-style list")
+    if top_k and path.is_dir():
+        records = [Record(r.chunks[:top_k], r.question, r.answers) for r in records]
+    return records[:limit] if limit else records

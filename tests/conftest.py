@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import ARCHS, make_tiny_model  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("KVBLEND_TEST_THREADS", "2")))
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random-weight model folder per supported architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: make_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def datasets() -> Path:
+    if not DATASETS.is_dir():
+        pytest.skip(f"shared datasets not found at {DATASETS}")
+    return DATASETS
+
+
+@pytest.fixture(scope="session")
+def real_kb():
+    """The real default model (SmolLM2-135M, fp32) with an in-memory store; pulled on first use."""
+    from kvblend import KVBlend
+
+    return KVBlend()
