@@ -121,7 +121,7 @@ class KVBlend:
         m = self.adapter
         if kv is None or kv.fingerprint != m.fingerprint:
             return None
-        if kv.keys.shape != (m.num_layers, m.num_kv_heads, n_tokens, m.head_dim) or kv.keys.dtype != m.dtype:
+        if kv.num_layers != m.num_layers or kv.layer_shape != (m.num_kv_heads, n_tokens, m.head_dim) or kv.dtype != m.dtype:
             return None
         return kv
 

@@ -33,6 +33,15 @@ class ChunkKV:
         return self.keys.shape[2]
 
     @property
+    def layer_shape(self) -> tuple[int, int, int]:
+        """(kv_heads, tokens, head_dim) of one layer's keys (and values)."""
+        return tuple(self.keys.shape[1:])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
