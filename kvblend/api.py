@@ -158,7 +158,7 @@ class KVBlend:
             out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile)
             cache, logits = to_dynamic_cache(self.model.config, out.keys, out.values), out.logits
             stats.tokens_cached = sum(s.kv.num_tokens for s in spans)
-            stats.tokens_recomputed = out.recomputed
+            stats.tokens_recomputed = out.selected.numel()
             stats.stages_s.update(out.timings)
         stats.ttft_s = time.perf_counter() - t0
         return Prefill(ids=ids, cache=cache, logits=logits, stats=stats)

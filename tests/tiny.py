@@ -50,7 +50,7 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, layers: in
     with torch.no_grad():  # larger-than-default weights so attention patterns are far from uniform
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.08 if "embed" not in name else 1.0)
+                p.normal_(0, 1.0 if "embed" in name else 0.5 if "lm_head" in name else 0.08)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

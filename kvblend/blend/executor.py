@@ -49,7 +49,7 @@ class BlendOutput:
     keys: list[torch.Tensor]  # per layer [KV, N, D], rotated at absolute positions
     values: list[torch.Tensor]
     logits: torch.Tensor  # [vocab] float32, the last prompt token
-    recomputed: int  # cached tokens recomputed after the last check layer
+    selected: torch.Tensor  # positions of the cached tokens recomputed after the last check layer
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -78,10 +78,13 @@ class Stopwatch:
 class BlendExecutor:
     def __init__(self, adapter: LayerwiseModel, config: BlendConfig | None = None):
         self.m = adapter
-        self.config = config or BlendConfig()
-        if self.config.check_layers and self.config.check_layers[-1] >= adapter.num_layers:
-            raise ValueError(f"check layer {self.config.check_layers[-1]} is past the model's {adapter.num_layers} layers")
+        self.config = self._checked(config or BlendConfig())
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _checked(self, cfg: BlendConfig) -> BlendConfig:
+        if cfg.check_layers and cfg.check_layers[-1] >= self.m.num_layers:
+            raise ValueError(f"check layer {cfg.check_layers[-1]} is past the model's {self.m.num_layers} layers")
+        return cfg
 
     def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < n:
@@ -98,7 +101,7 @@ class BlendExecutor:
         profile: bool = False,
     ) -> BlendOutput:
         """Blend one prompt: ids [N] with cached spans (any order of hits and fresh text)."""
-        cfg = config or self.config
+        cfg = self._checked(config or self.config)
         m, dev = self.m, self.m.device
         n = ids.numel()
         if n == 0:
@@ -133,7 +136,6 @@ class BlendExecutor:
         plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block)
         h = m.embed(ids.to(dev))[active]
         keys_out, values_out = [], []
-        recomputed = n_cached if active.numel() == n else 0
         for i in range(m.num_layers):
             with watch("qkv"):
                 q, k, v = m.qkv(i, h)
@@ -155,9 +157,9 @@ class BlendExecutor:
             values_out.append(values)
             if keep is not None:
                 q, h, active = q[:, keep], h[keep], active[keep]
-                recomputed = int(is_cached[active].sum())
                 plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block)
             if i == m.num_layers - 1:
+                active_before_last = active
                 h = h[-1:]  # only the last prompt token's output is needed
                 q = q[:, -1:]
                 plan = plan_attention(active[-1:], n, m.num_heads // m.num_kv_heads, cfg.attention_block)
@@ -167,7 +169,8 @@ class BlendExecutor:
             with watch("mlp"):
                 h = m.mlp(i, m.attn_out(i, h, attn))
         logits = m.logits(h)[-1]
-        return BlendOutput(keys_out, values_out, logits, recomputed, dict(watch.totals))
+        selected = active_before_last[is_cached[active_before_last]]
+        return BlendOutput(keys_out, values_out, logits, selected, dict(watch.totals))
 
     def _fused_buffers(self, i, spans, n, cos, sin, k_fresh, backend, watch):
         """Layer i's buffers with every cached row realigned (fresh rows are scattered after)."""

@@ -76,3 +76,10 @@ def decode(
             return
         logits = step_logits(model, cache, [token], pos)[-1]
         pos += 1
+
+
+def truncate(cache: DynamicCache, n: int) -> None:
+    """Drop cached tokens past the first n (undo decoding steps)."""
+    extra = cache.get_seq_length() - n
+    if extra > 0:
+        cache.crop(-extra)

@@ -1,0 +1,64 @@
+"""`kvblend eval`: quality and TTFT of full / reuse / blend (and blend variants) on a dataset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import Progress
+from rich.markup import escape
+from rich.table import Table
+
+from kvblend.cli import app
+from kvblend.cli.common import DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend
+
+
+@app.command("eval")
+def eval_command(
+    dataset: Annotated[Path, typer.Argument(exists=True, help="CacheBlend prompt file/folder or MuSiQue-style JSON list")],
+    methods: Annotated[str, typer.Option(help="comma list: full, reuse, blend, blend[key=value,...]")] = "full,reuse,blend",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="first N records")] = None,
+    top_k: Annotated[Optional[int], typer.Option(min=1, help="keep each record's first K contexts, in order")] = None,
+    recompute_ratio: RatioOpt = 0.15,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
+    model: ModelOpt = "smollm2-135m",
+    store: StoreOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    engine: EngineOpt = "hf",
+    threads: ThreadsOpt = None,
+):
+    """Compare methods against full prefill: F1, agreement, KL, TTFT and speed-up."""
+    from kvblend.eval.datasets import load_dataset
+    from kvblend.eval.methods import parse_methods
+    from kvblend.eval.runner import evaluate
+
+    try:
+        records = load_dataset(dataset, top_k=top_k, limit=limit)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    kb = make_kvblend(model, store, device, dtype, engine, threads, recompute_ratio=recompute_ratio)
+    try:
+        specs = parse_methods(methods, kb.config.blend)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--methods")
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"eval {len(records)} records x {len(specs)} methods", total=len(records))
+        report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task))
+    summary = report.summary()
+    table = Table(title=f"{dataset.name}: {len(records)} records, top-k {top_k or 'all'}")
+    for col in ("method", "F1", "1st-tok agree", "tok agree", "KL first", "KL tf16", "TTFT med (s)", "speed-up"):
+        table.add_column(col, justify="right")
+    for name, s in summary.items():
+        f1 = "-" if s["f1"] is None else f"{s['f1']:.3f}"
+        table.add_row(escape(name), f1, f"{s['first_token_agree']:.2f}", f"{s['token_agree']:.2f}", f"{s['kl_first']:.3f}",
+                      f"{s['kl_tf']:.3f}", f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
+    console.print(table)
+    if json_out:
+        config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "max_new_tokens": max_new_tokens,
+                  "kvblend": kb.config.model_dump(), "threads": threads}
+        per_record = {name: [vars(r) for r in rows] for name, rows in report.methods.items()}
+        json_out.write_text(json.dumps({"methods": summary, "config": config, "records": per_record}, indent=2))
