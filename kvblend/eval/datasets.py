@@ -38,8 +38,8 @@ def _cacheblend(obj: dict, path: Path) -> Record:
         raise ValueError(f"{path}: not a CacheBlend prompt file (missing {exc})") from exc
 
 
-def _musique(obj: dict, top_k: int | None) -> Record:
-    ctxs = obj["ctxs"][:top_k] if top_k else obj["ctxs"]
+def _musique(obj: dict) -> Record:
+    ctxs = obj["ctxs"]
     chunks = [f"{c['title']}\n{c['text']}" if c.get("title") else c["text"] for c in ctxs]
     return Record(chunks=chunks, question=QA_INSTRUCTION.format(question=obj["question"]), answers=list(obj["answers"]))
 
@@ -68,11 +68,11 @@ def load_dataset(path: Path, top_k: int | None = None, limit: int | None = None)
             records = [_cacheblend(obj, path)]
         elif isinstance(obj, list) and obj and isinstance(obj[0], dict) and "ctxs" in obj[0]:
             try:
-                records = [_musique(r, top_k) for r in obj]
+                records = [_musique(r) for r in obj]
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"{path}: a MuSiQue-style record lacks {exc}") from exc
         else:
             raise ValueError(f"{path}: neither a CacheBlend prompt file nor a MuSiQue-style list")
-    if top_k and path.is_dir():
+    if top_k:
         records = [Record(r.chunks[:top_k], r.question, r.answers) for r in records]
     return records[:limit] if limit else records

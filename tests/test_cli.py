@@ -1,0 +1,79 @@
+"""The command line on tiny models: generate, eval, bench, and clean errors."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvblend.cli import app
+
+runner = CliRunner()
+CHUNKS = ["The lighthouse keeper's cat is called Biscuit.", "Biscuit sleeps on the third stair every afternoon."]
+
+
+@pytest.fixture()
+def chunks_file(tmp_path):
+    f = tmp_path / "prompt.json"
+    f.write_text(json.dumps({"0": CHUNKS[0], "1": CHUNKS[1], "chunk_num": 2, "query": "\nWhat is the cat called?"}))
+    return f
+
+
+def test_generate_streams_an_answer_and_writes_stats(tiny_models, chunks_file, tmp_path):
+    out = tmp_path / "answer.json"
+    res = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["qwen2"]),
+                              "--max-new-tokens", "5", "--json", str(out), "--store", str(tmp_path / "store")])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert len(data["token_ids"]) == 5
+    assert data["stats"]["chunk_hits"] == 2 and data["stats"]["tokens_recomputed"] > 0
+    assert any((tmp_path / "store").rglob("*"))
+
+
+def test_generate_rejects_a_bad_file(tiny_models, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    res = runner.invoke(app, ["generate", "--chunks-file", str(bad), "--model", str(tiny_models["llama"])])
+    assert res.exit_code == 2 and "not a readable JSON file" in res.output
+
+
+def test_unknown_model_folder_is_a_clear_error(tmp_path, chunks_file):
+    res = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tmp_path)])
+    assert res.exit_code == 2 and "has no config.json" in res.output
+
+
+def test_eval_writes_the_documented_json(tiny_models, tmp_path):
+    data = [{"question": "What is the cat called?", "answers": ["Biscuit"],
+             "ctxs": [{"title": "Cats", "text": c} for c in CHUNKS]} for _ in range(2)]
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(data))
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", str(ds), "--model", str(tiny_models["qwen3"]), "--limit", "2", "--top-k", "2",
+                              "--max-new-tokens", "4", "--methods", "full,reuse,blend,blend[selection=query]", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["full", "reuse", "blend", "blend[selection=query]"]
+    keys = {"f1", "first_token_agree", "token_agree", "kl_first", "kl_tf", "ttft_median_s", "speedup_vs_full"}
+    for m in methods.values():
+        assert keys <= set(m)
+    assert methods["full"]["kl_tf"] == 0 and methods["full"]["token_agree"] == 1
+    assert methods["reuse"]["kl_tf"] > 0
+
+
+def test_eval_rejects_an_unknown_method(tiny_models, datasets):
+    res = runner.invoke(app, ["eval", str(datasets / "cacheblend_examples" / "1.json"), "--model", str(tiny_models["llama"]),
+                              "--methods", "full,magic"])
+    assert res.exit_code != 0 and "unknown method 'magic'" in res.output
+
+
+def test_bench_reports_every_method_and_plots(tiny_models, tmp_path, datasets):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    res = runner.invoke(app, ["bench", "--model", str(tiny_models["llama"]), "--context-tokens", "256", "--chunk-tokens", "128",
+                              "--ratios", "0.1,0.5", "--repeats", "1", "--datasets", str(datasets), "--json", str(out), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [("full", None), ("reuse", None), ("blend", 0.1), ("blend", 0.5)]
+    assert png.stat().st_size > 1000
+
+
+def test_models_pull_rejects_unknown_alias():
+    res = runner.invoke(app, ["models", "pull", "gpt-17"])
+    assert res.exit_code == 2 and "unknown alias" in res.output

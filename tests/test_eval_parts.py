@@ -1,0 +1,57 @@
+"""Metrics, method specs and dataset loaders."""
+import json
+
+import pytest
+import torch
+
+from kvblend import BlendConfig
+from kvblend.eval.datasets import load_chunks_file, load_dataset
+from kvblend.eval.methods import parse_methods
+from kvblend.eval.metrics import f1_score, kl_divergence, normalize_answer, token_agreement
+
+
+def test_f1_uses_squad_normalisation_and_best_answer():
+    assert normalize_answer("The  Exeter College!") == "exeter college"
+    assert f1_score("Exeter College", ["Oxford", "exeter college"]) == 1.0
+    assert f1_score("at Exeter", ["Exeter College"]) == pytest.approx(0.5)
+    assert f1_score("Paris", ["London"]) == 0.0
+
+
+def test_kl_is_zero_on_identity_and_positive_otherwise():
+    a = torch.tensor([[2.0, 0.0, -1.0]])
+    assert kl_divergence(a, a).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_divergence(a, a.flip(-1)).item() > 0.5
+
+
+def test_token_agreement_is_positionwise():
+    assert token_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    assert token_agreement([1, 2], [1]) == 0.5
+
+
+def test_method_specs_put_full_first_and_parse_overrides():
+    specs = parse_methods("blend[check_layers=[1,2],check_ratios=[0.3,0.15]],reuse", BlendConfig())
+    assert [s.method for s in specs] == ["full", "blend", "reuse"]
+    assert specs[1].config.check_layers == [1, 2] and specs[1].config.check_ratios == [0.3, 0.15]
+    with pytest.raises(ValueError, match="key=value"):
+        parse_methods("blend[oops]", BlendConfig())
+    with pytest.raises(ValueError):
+        parse_methods("blend[recompute_ratio=2]", BlendConfig())
+
+
+def test_loaders_read_both_shared_formats(datasets):
+    one = load_dataset(datasets / "cacheblend_examples" / "3.json")
+    assert len(one) == 1 and len(one[0].chunks) >= 5 and one[0].question
+    folder = load_dataset(datasets / "cacheblend_examples", top_k=2)
+    assert len(folder) == 10 and all(len(r.chunks) == 2 for r in folder)
+    musique = load_dataset(datasets / "musique_dev.json", top_k=6, limit=4)
+    assert len(musique) == 4 and all(len(r.chunks) == 6 and r.answers for r in musique)
+
+
+def test_loaders_name_the_bad_file(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"0": "a", "query": "q"}))
+    with pytest.raises(ValueError, match="x.json: not a CacheBlend prompt file"):
+        load_chunks_file(bad)
+    bad.write_text(json.dumps([{"question": "q"}]))
+    with pytest.raises(ValueError, match="neither"):
+        load_dataset(bad)
