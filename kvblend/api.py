@@ -97,7 +97,7 @@ class KVBlend:
         return chunk_key(self.adapter.fingerprint, self.context_ids, token_ids, self.adapter.dtype)
 
     def precompute(self, texts: Iterable[str], on_chunk: Callable[[int, bool], None] | None = None) -> list[str]:
-        """Encode each text's KV into the store (skipping those already there); returns their keys.
+        """Encode each text's KV into the store (skipping those already there and valid); returns their keys.
 
         on_chunk(num_tokens, computed) is called after each text, for progress reporting.
         """
@@ -107,7 +107,7 @@ class KVBlend:
                 raise ValueError(f"chunk {i} is empty")
             ids = self.builder.encode(text)
             key = self.key_for(ids)
-            computed = not self.store.contains(key)
+            computed = self._lookup(key, len(ids)) is None  # absent, damaged or foreign: encode again
             if computed:
                 self.store.put(key, encode_chunk(self.adapter, self.context_ids, ids, key))
             keys.append(key)
