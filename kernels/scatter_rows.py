@@ -24,9 +24,9 @@ def scatter_rows(src: torch.Tensor, dst: torch.Tensor, rows: torch.Tensor, backe
 def scatter_rows_paged_torch(k, v, k_cache, v_cache, slot_mapping):
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    kv_heads, dim = k_cache.shape[-2:]
-    k_cache.view(-1, kv_heads, dim).index_copy_(0, slots, k[valid].to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, dim).index_copy_(0, slots, v[valid].to(v_cache.dtype))
+    block, offset = slots // k_cache.shape[1], slots % k_cache.shape[1]  # indexing, not view: caches may be strided
+    k_cache[block, offset] = k[valid].to(k_cache.dtype)
+    v_cache[block, offset] = v[valid].to(v_cache.dtype)
     return k_cache, v_cache
 
 
