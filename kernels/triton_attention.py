@@ -119,8 +119,8 @@ def selected_attention_triton(
         return out
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
-    # ≥ 16 folded rows for tl.dot; no more query slots than there are queries (one query at decode)
-    block_q = max(min(max(ROWS_PER_PROGRAM // group_pad, 1), triton.next_power_of_2(n_queries)), -(-16 // group_pad))
+    block_q = min(max(ROWS_PER_PROGRAM // group_pad, 1), triton.next_power_of_2(n_queries))  # 1 query: 1 slot
+    block_q = max(block_q, -(-16 // group_pad))  # tl.dot needs >= 16 rows
     block_d = max(triton.next_power_of_2(dim), 16)
     upcast = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(n_queries, block_q), kv_heads)
@@ -128,6 +128,7 @@ def selected_attention_triton(
         q, k, v, q_pos, out, n_queries, scale * math.log2(math.e),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=BLOCK_KEYS, HEAD_DIM=dim, BLOCK_D=block_d,
+        # fp32 tiles need IEEE products to match torch (16-bit tiles ignore the setting)
         UPCAST=upcast, DOT_PRECISION="ieee" if upcast or q.dtype == torch.float32 else "tf32",
         num_warps=8 if group_pad * block_q * block_d >= 128 * 128 else 4, num_stages=3,
     )
