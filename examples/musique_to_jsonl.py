@@ -2,7 +2,7 @@
 corpus for `kvblend precompute`, one passage a line, and a questions file for `kvblend ask`.
 
     python examples/musique_to_jsonl.py ../shared/datasets/musique_dev.json /tmp/musique [--limit 5]
-    kvblend precompute /tmp/musique/passages.jsonl --store /tmp/musique/store --chunk-tokens 768
+    kvblend precompute /tmp/musique/passages.jsonl --store /tmp/musique/store --chunk-tokens 1024
 """
 from __future__ import annotations
 
