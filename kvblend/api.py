@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -14,7 +15,7 @@ from kvblend.blend.plan import Prompt, PromptBuilder
 from kvblend.config import BlendConfig, KVBlendConfig
 from kvblend.engines.hf import Sampling, decode, full_prefill, to_dynamic_cache
 from kvblend.models import LayerwiseModel, load_model
-from kvblend.store import ChunkKV, KVStore, open_store
+from kvblend.store import ChunkKV, KVStore, choose_recompute_ratio, open_store, reject, start_prefetch, with_recompute
 
 Method = Literal["blend", "full", "reuse"]
 METHODS = ("blend", "full", "reuse")
@@ -119,9 +120,13 @@ class KVBlend:
         """A usable cache for this chunk, or None: foreign or misshapen objects are misses."""
         kv = self.store.get(key)
         m = self.adapter
-        if kv is None or kv.fingerprint != m.fingerprint:
+        if kv is None:
+            return None
+        if kv.fingerprint != m.fingerprint:
+            reject(self.store, key, f"made by model {kv.fingerprint}")
             return None
         if kv.num_layers != m.num_layers or kv.layer_shape != (m.num_kv_heads, n_tokens, m.head_dim) or kv.dtype != m.dtype:
+            reject(self.store, key, f"{kv.num_layers} layers of {kv.layer_shape} {kv.dtype}")
             return None
         return kv
 
@@ -152,7 +157,12 @@ class KVBlend:
                     stats.chunk_misses += 1
                 else:
                     stats.chunk_hits += 1
-                    spans.append(CachedSpan(start, kv))
+                    recompute = partial(encode_chunk, self.adapter, self.context_ids, seg.ids, kv.key)
+                    spans.append(CachedSpan(start, with_recompute(kv, recompute)))
+            sources = [s.kv for s in spans]
+            start_prefetch(sources, self.config.store.prefetch_layers, self.adapter.device)
+            if method == "blend":
+                config = choose_recompute_ratio(self.store, config or self.config.blend, sources, ids.numel(), self.adapter)
             stats.stages_s["lookup"] = time.perf_counter() - t0
             cfg = REUSE if method == "reuse" else (config or self.config.blend)
             out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile)

@@ -6,9 +6,11 @@ the blending step itself. Both validate on construction, so a bad value fails wh
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 
@@ -20,7 +22,8 @@ def kvblend_home() -> Path:
 class BlendConfig(BaseModel):
     """How the blend chooses which cached tokens to recompute.
 
-    `recompute_ratio` is the share of cached tokens recomputed after the last check layer.
+    `recompute_ratio` is the share of cached tokens recomputed after the last check layer, or
+    "auto": the store's loading controller picks it per request so recompute hides loading.
     `check_ratios` (one per check layer, non-increasing, ending at `recompute_ratio`) enables
     gradual filtering. `selection` picks the ranking: CacheBlend's KV deviation, deviation
     weighted by the attention the question pays each token (`"query"`), or random (an ablation).
@@ -28,7 +31,7 @@ class BlendConfig(BaseModel):
 
     model_config = {"extra": "forbid"}
 
-    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0)
+    recompute_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = 0.15
     check_layers: list[int] = Field(default_factory=lambda: [1])
     check_ratios: list[float] | None = None
     deviation: Literal["v", "k", "kv"] = "v"
@@ -51,6 +54,10 @@ class BlendConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ratios(self) -> "BlendConfig":
+        if self.recompute_ratio == "auto":
+            if self.check_ratios is not None or not self.check_layers:
+                raise ValueError('recompute_ratio="auto" needs check layers and no check_ratios')
+            return self
         if self.check_ratios is not None:
             r = self.check_ratios
             if len(r) != len(self.check_layers):
@@ -68,14 +75,98 @@ class BlendConfig(BaseModel):
         return list(self.check_ratios) if self.check_ratios else [self.recompute_ratio] * len(self.check_layers)
 
 
+_SIZE = re.compile(r"^\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: Any) -> Any:
+    """'512MiB', '2GB', '1e9' or an int → bytes; anything else is left for pydantic to reject."""
+    if isinstance(value, str) and (m := _SIZE.match(value)) and m.group(2).lower() in _UNITS:
+        return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return value
+
+
+ByteSize = Annotated[int, Field(ge=0)]
+
+
+class StoreConfig(BaseModel):
+    """The tiered KV store: which tiers exist, their byte caps, the codec and loading.
+
+    Tiers, fastest first: GPU (only with CUDA; 0 bytes disables it), CPU memory, a local disk
+    directory, a shared Redis/Valkey (`redis://host:port/db`). Unset fields come from
+    `KVBLEND_<FIELD>` environment variables (`KVBLEND_CPU_BYTES=2GiB`, `KVBLEND_DISK_DIR=...`).
+    Serialized tiers (disk, remote) hold objects in `codec`; memory tiers hold them as decoded,
+    so every tier serves the same values. The remote tier's cap is the server's `maxmemory`.
+    """
+
+    model_config = {"extra": "forbid"}
+
+    gpu_bytes: ByteSize = 0
+    cpu_bytes: ByteSize = 4 * 2**30
+    disk_dir: str | None = None
+    disk_bytes: ByteSize | None = Field(None, description="disk tier cap; None: unbounded")
+    remote_url: str | None = None
+    codec: Literal["raw", "fp8", "int8"] = "raw"
+    async_writes: bool = Field(True, description="write disk/remote tiers on a background thread")
+    prefetch_layers: int = Field(2, ge=0, description="layers read ahead of the blend; 0: load on demand")
+    min_recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description='floor of recompute_ratio="auto"')
+    remote_retry_s: float = Field(2.0, gt=0, description="wait before retrying a remote tier that failed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_environment(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        env = {name: os.environ[f"KVBLEND_{name.upper()}"] for name in cls.model_fields if f"KVBLEND_{name.upper()}" in os.environ}
+        return {**env, **data}
+
+    @field_validator("gpu_bytes", "cpu_bytes", "disk_bytes", mode="before")
+    @classmethod
+    def _sizes(cls, v: Any) -> Any:
+        return parse_bytes(v)
+
+    @field_validator("remote_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("redis://", "rediss://", "unix://", "valkey://")):
+            raise ValueError(f"remote_url {v!r} must look like redis://host:port/db")
+        return v
+
+    @classmethod
+    def from_spec(cls, spec: "str | StoreConfig | None") -> "StoreConfig":
+        """A YAML file (`store:` section or the fields), a redis:// URL, or a disk directory."""
+        if isinstance(spec, StoreConfig):
+            return spec
+        if spec is None:
+            return cls()
+        if spec.endswith((".yaml", ".yml")):
+            try:
+                data = yaml.safe_load(Path(spec).expanduser().read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ValueError(f"store config {spec}: {exc}") from exc
+            data = data.get("store", data) if isinstance(data, dict) else data
+            if not isinstance(data, dict):
+                raise ValueError(f"store config {spec}: expected a mapping of store fields")
+            return cls(**data)
+        if "://" in spec:
+            return cls(remote_url=spec)
+        return cls(disk_dir=spec)
+
+
 class KVBlendConfig(BaseModel):
     """Everything one `KVBlend` instance needs."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "validate_assignment": True}
 
     model: str = "smollm2-135m"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    store: str | None = Field(None, description="store directory; None keeps caches in memory only")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="a StoreConfig, or a directory / redis:// URL / YAML file")
     threads: int | None = Field(None, description="torch CPU threads; None keeps torch's default")
     blend: BlendConfig = Field(default_factory=BlendConfig)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_spec(cls, v: Any) -> Any:
+        return StoreConfig.from_spec(v) if v is None or isinstance(v, str) else v

@@ -1,12 +1,53 @@
-"""KV stores: the interface the blend uses and its implementations."""
+"""KV stores: the interface the blend uses, the tiers, and `open_store` to build them from config."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kvblend.config import StoreConfig
 from kvblend.store.base import ChunkKV, KVStore
+from kvblend.store.consumer import reject, with_recompute
+from kvblend.store.controller import LoadingController, choose_recompute_ratio
+from kvblend.store.disk import DiskStore
+from kvblend.store.lazy import LazyChunk
 from kvblend.store.memory import MemoryStore
-from kvblend.store.simple import DirectoryStore
+from kvblend.store.prefetch import start_prefetch
+from kvblend.store.tiered import TieredStore
+
+log = logging.getLogger(__name__)
 
 
-def open_store(spec: str | None) -> KVStore:
-    """None → in-memory store; a path → that directory (kept in memory once read)."""
-    return MemoryStore() if spec is None else DirectoryStore(spec)
+def open_store(spec: str | StoreConfig | None = None) -> TieredStore:
+    """The tiers a StoreConfig asks for (a str is a directory, a redis:// URL or a YAML file)."""
+    cfg = StoreConfig.from_spec(spec)
+    cuda = torch.cuda.is_available()
+    memory = []
+    if cfg.gpu_bytes and cuda:
+        memory.append(MemoryStore(cfg.gpu_bytes, device="cuda", name="gpu"))
+    elif cfg.gpu_bytes:
+        log.info("no CUDA device: the GPU tier (%d bytes) is left out", cfg.gpu_bytes)
+    if cfg.cpu_bytes:
+        memory.append(MemoryStore(cfg.cpu_bytes, pin=cuda, name="cpu"))
+    serialized = []
+    if cfg.disk_dir:
+        serialized.append(DiskStore(cfg.disk_dir, cfg.disk_bytes, cfg.codec, pin=cuda))
+    if cfg.remote_url:
+        try:
+            from kvblend.store.remote import RedisStore
+        except ImportError as exc:
+            raise ValueError(f"remote_url {cfg.remote_url} needs the redis client: pip install 'kvblend[redis]'") from exc
+        serialized.append(RedisStore(cfg.remote_url, cfg.codec, pin=cuda, retry_s=cfg.remote_retry_s))
+    return TieredStore(memory, serialized, cfg.codec, cfg.async_writes, LoadingController(cfg.min_recompute_ratio))
 
 
-__all__ = ["ChunkKV", "DirectoryStore", "KVStore", "MemoryStore", "open_store"]
+def DirectoryStore(root: str | Path) -> TieredStore:  # noqa: N802  (the name older callers use)
+    """A CPU tier over a disk directory, with the default caps."""
+    return open_store(StoreConfig(disk_dir=str(root)))
+
+
+__all__ = [
+    "ChunkKV", "DirectoryStore", "DiskStore", "KVStore", "LazyChunk", "LoadingController", "MemoryStore",
+    "StoreConfig", "TieredStore", "choose_recompute_ratio", "open_store", "reject", "start_prefetch", "with_recompute",
+]

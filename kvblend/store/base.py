@@ -52,7 +52,11 @@ class ChunkKV:
 
 @runtime_checkable
 class KVStore(Protocol):
-    """A store of `ChunkKV` by content key. A miss (absent, corrupt, foreign) returns None."""
+    """A store of `ChunkKV` by content key. A miss (absent, corrupt, foreign) returns None.
+
+    `get` may return a lazily read object with ChunkKV's read-only face (key, fingerprint,
+    num_layers, num_tokens, layer_shape, dtype, layer(i)) instead of a ChunkKV.
+    """
 
     def get(self, key: str) -> ChunkKV | None: ...
 

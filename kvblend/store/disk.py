@@ -1,0 +1,249 @@
+"""The disk tier: one object file per chunk in a directory that several processes may share.
+
+Files live at root/<key[:2]>/<key>.kvb. A write goes to a temporary file in the same folder and
+is renamed into place, so a reader (or a process killed mid-write) never sees half an object;
+readers keep their open descriptor, so a concurrent replace or eviction cannot change bytes under
+them. Recency is the file's access time (touched on every hit), which every process sees: LRU
+eviction under `max_bytes` picks the least recently used objects whoever used them. With a cap,
+room-making and writing happen under an exclusive lock on root/.lock, so the cap holds across
+processes, temporary files included.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvblend.store.base import ChunkKV
+from kvblend.store.format import CorruptObject, ObjectHeader, encode_object, parse_header
+from kvblend.store.lazy import LazyChunk
+from kvblend.store.stats import TierStats
+
+log = logging.getLogger(__name__)
+SUFFIX = ".kvb"
+STALE_TMP_S = 60.0  # a temporary file older than this belongs to a writer that died
+
+
+class FileReader:
+    """Positioned reads from an open object file; the descriptor closes with it."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        if os.preadv(self.fd, [out], offset) != len(out):
+            raise CorruptObject(f"{self.path}: truncated (short read at byte {offset})")
+
+    def close(self) -> None:
+        self._closer()
+
+
+def open_quietly(path: Path) -> int:
+    """Open for reading without touching the access time (maintenance must not reorder the LRU)."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+    except PermissionError:  # O_NOATIME needs the file's owner
+        return os.open(path, os.O_RDONLY)
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path
+    size: int
+    atime_ns: int
+
+
+class DiskStore:
+    def __init__(self, root: str | Path, max_bytes: int | None = None, codec: str = "raw", pin: bool = False):
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.codec, self.pin, self.name = max_bytes, codec, pin, "disk"
+        self.stats = TierStats()
+        self._bad: dict[str, int] = {}  # key → mtime of the object found damaged: a miss until it changes
+
+    def path(self, key: str) -> Path:
+        if len(key) < 3 or not all(c.isalnum() or c in "-_" for c in key):
+            raise ValueError(f"invalid store key {key!r}: expected a hex digest")
+        return self.root / key[:2] / f"{key}{SUFFIX}"
+
+    # -- reads --------------------------------------------------------------------------------------
+    def _known_bad(self, key: str, path: Path) -> bool:
+        if key not in self._bad:
+            return False
+        try:
+            return os.stat(path).st_mtime_ns == self._bad[key]
+        except FileNotFoundError:
+            return True
+
+    def get(self, key: str) -> LazyChunk | None:
+        path = self.path(key)
+        if self._known_bad(key, path):
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("disk tier: cannot open %s (%s): a miss", path, exc)
+            self.stats.add(errors=1)
+            return None
+        try:
+            header = self._check(fd, key, path)
+            os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))  # LRU recency, shared by all processes
+        except (CorruptObject, OSError) as exc:
+            os.close(fd)
+            self.discard(key)
+            self.stats.add(corrupt=1)
+            log.warning("disk tier: %s: treated as a miss", exc)
+            return None
+        return LazyChunk(header, FileReader(fd, path), self.stats, self.name, self.discard, self.pin)
+
+    @staticmethod
+    def _check(fd: int, key: str | None, path: Path) -> ObjectHeader:
+        header = parse_header(lambda offset, n: os.pread(fd, n, offset), key, str(path))
+        size = os.fstat(fd).st_size
+        if size != header.total_nbytes:
+            raise CorruptObject(f"{path}: {size} bytes, its header says {header.total_nbytes} (truncated or padded)")
+        return header
+
+    def contains(self, key: str) -> bool:
+        path = self.path(key)
+        return not self._known_bad(key, path) and path.exists()
+
+    def discard(self, key: str, reason: str = "") -> None:
+        """Stop trusting this key's object until it changes (it stays for `store verify`; a put replaces it)."""
+        try:
+            self._bad[key] = os.stat(self.path(key)).st_mtime_ns
+        except FileNotFoundError:
+            pass
+
+    # -- writes -------------------------------------------------------------------------------------
+    def put(self, key: str, kv: ChunkKV) -> None:
+        header, blobs = encode_object(kv, self.codec)
+        size = header.total_nbytes
+        if self.max_bytes is not None and size > self.max_bytes:
+            log.warning("disk tier: object %s (%d bytes) exceeds the tier cap of %d bytes: not stored", key, size, self.max_bytes)
+            return
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._room_for(size) if self.max_bytes is not None else nullcontext():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(header.to_bytes())
+                    for parts in blobs:
+                        for part in parts:
+                            f.write(part.numpy())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        self._bad.pop(key, None)
+        self.stats.add(writes=1, bytes_written=size)
+
+    @contextmanager
+    def _room_for(self, size: int) -> Iterator[None]:
+        """Hold the directory lock with at least `size` bytes free under the cap."""
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self.entries()
+            used = sum(e.size for e in entries) + self._temp_bytes(remove_stale=True)
+            for e in sorted(entries, key=lambda e: e.atime_ns):
+                if used + size <= self.max_bytes:
+                    break
+                if self._remove(e):
+                    used -= e.size
+            yield
+
+    def _remove(self, entry: Entry) -> bool:
+        try:
+            entry.path.unlink()
+        except FileNotFoundError:
+            return False
+        self.stats.add(evictions=1)
+        return True
+
+    def _temp_bytes(self, remove_stale: bool) -> int:
+        total, now = 0, time.time()
+        for tmp in self.root.glob("*/.*.tmp"):
+            try:
+                st = tmp.stat()
+                if remove_stale and now - st.st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+                else:
+                    total += st.st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    # -- maintenance (CLI) ----------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        out = []
+        for sub in self.root.iterdir():
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for f in os.scandir(sub):
+                if f.name.endswith(SUFFIX) and not f.name.startswith("."):
+                    try:
+                        st = f.stat()
+                    except FileNotFoundError:
+                        continue
+                    out.append(Entry(f.name[: -len(SUFFIX)], Path(f.path), st.st_size, st.st_atime_ns))
+        return out
+
+    def header(self, entry: Entry) -> ObjectHeader:
+        """The entry's checked header (CorruptObject if bad)."""
+        fd = open_quietly(entry.path)
+        try:
+            return self._check(fd, entry.key, entry.path)
+        finally:
+            os.close(fd)
+
+    def verify(self, entry: Entry) -> str | None:
+        """Why the object is unusable (header, size, every layer's checksum), or None if it is sound."""
+        try:
+            fd = open_quietly(entry.path)
+        except OSError as exc:
+            return f"unreadable ({exc})"
+        try:
+            header = self._check(fd, entry.key, entry.path)
+            for i in range(header.num_layers):
+                blob = os.pread(fd, header.layer_nbytes, header.layer_offset(i))
+                if len(blob) != header.layer_nbytes:
+                    raise CorruptObject(f"{entry.path}: truncated at layer {i}")
+                header.verify_layer(i, blob)
+        except (CorruptObject, OSError) as exc:
+            return str(exc)
+        finally:
+            os.close(fd)
+        return None
+
+    def evict_to(self, max_bytes: int) -> list[Entry]:
+        """Remove least recently used objects (and stale temporary files) until at most max_bytes remain."""
+        with open(self.root / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = sorted(self.entries(), key=lambda e: e.atime_ns)
+            used = sum(e.size for e in entries) + self._temp_bytes(remove_stale=True)
+            removed = []
+            for e in entries:
+                if used <= max_bytes:
+                    break
+                if self._remove(e):
+                    used -= e.size
+                    removed.append(e)
+            return removed
+
+    def summary(self) -> dict:
+        entries = self.entries()
+        return {"objects": len(entries), "bytes": sum(e.size for e in entries), "max_bytes": self.max_bytes}

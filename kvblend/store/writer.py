@@ -1,0 +1,77 @@
+"""Write-behind for slow tiers: precompute hands objects over and goes on; nothing is lost.
+
+Objects wait in `pending` (visible to get/contains) until every target tier has them. `flush()`
+waits for the queue to drain; the store calls it on close and at interpreter exit. A tier whose
+write fails is logged and counted; the others still get the object. If more than
+`max_pending_bytes` wait, `submit` blocks, so memory stays bounded when disks are slow.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Protocol
+
+from kvblend.store.base import ChunkKV
+
+log = logging.getLogger(__name__)
+
+
+class WritableTier(Protocol):
+    name: str
+
+    def put(self, key: str, kv: ChunkKV) -> None: ...
+
+
+class WriteBehind:
+    def __init__(self, max_pending_bytes: int = 2**30):
+        self.max_pending_bytes = max_pending_bytes
+        self._queue: queue.Queue[tuple[str, ChunkKV, list[WritableTier]] | None] = queue.Queue()
+        self._pending: dict[str, ChunkKV] = {}
+        self._pending_bytes = 0
+        self._room = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, key: str, kv: ChunkKV, tiers: list[WritableTier]) -> None:
+        if not tiers:
+            return
+        with self._room:
+            while self._pending_bytes > self.max_pending_bytes:
+                self._room.wait()
+            self._pending[key] = kv
+            self._pending_bytes += kv.nbytes
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="kvblend-write-behind", daemon=True)
+                self._thread.start()
+        self._queue.put((key, kv, tiers))
+
+    def pending(self, key: str) -> ChunkKV | None:
+        return self._pending.get(key)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, kv, tiers = item
+            for tier in tiers:
+                try:
+                    tier.put(key, kv)
+                except Exception as exc:  # a cache tier failing must not lose the other tiers' copy
+                    log.warning("write of %s to the %s tier failed: %s", key, tier.name, exc)
+                    tier.stats.add(errors=1)
+            with self._room:
+                if self._pending.get(key) is kv:
+                    del self._pending[key]
+                self._pending_bytes -= kv.nbytes
+                self._room.notify_all()
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def flush(self) -> None:
+        """Return once every submitted object is in its tiers."""
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.join()
+
+    def close(self) -> None:
+        self.flush()
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
