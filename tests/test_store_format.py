@@ -185,4 +185,9 @@ def test_cli_ls_stats_gc(tmp_path):
     assert res.exit_code == 0 and "removed 2 objects" in res.output
     assert disk.contains(make_kv(3).key) and not disk.contains(make_kv(0).key)
     assert runner.invoke(app, ["store", "gc", str(tmp_path), "--max-bytes", "lots"]).exit_code == 2
+    res = runner.invoke(app, ["store", "recode", str(tmp_path), "--codec", "int8"])
+    assert res.exit_code == 0 and "recoded 2 objects" in res.output
+    assert disk.get(make_kv(3).key).header.codec == "int8" and disk.entries()[0].size < one / 3
+    assert torch.equal(disk.get(make_kv(3).key).materialize().keys, roundtrip(make_kv(3), "int8").keys)
+    assert runner.invoke(app, ["store", "recode", str(tmp_path), "--codec", "zip"]).exit_code == 2
     assert runner.invoke(app, ["store", "verify", str(tmp_path / "nope")]).exit_code == 2

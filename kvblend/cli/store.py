@@ -122,6 +122,36 @@ def list_objects(directory: DirArg, limit: Annotated[Optional[int], typer.Option
     out.print(table)
 
 
+@store_app.command()
+def recode(directory: DirArg, codec: Annotated[str, typer.Option("--codec", help="raw, fp8 or int8")]):
+    """Rewrite every object in CODEC (quantizing is lossy: recoding back to raw does not restore the values)."""
+    from kvblend.store.codecs import CODECS
+
+    if codec not in CODECS:
+        raise typer.BadParameter(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}", param_hint="--codec")
+    from kvblend.store.format import CorruptObject
+
+    disk = _disk(directory)
+    target = type(disk)(directory, codec=codec)
+    counts = {"recoded": 0, "already": 0, "damaged": 0}
+    for e in disk.entries():
+        lazy = disk.get(e.key)
+        if lazy is not None and lazy.header.codec == codec:
+            counts["already"] += 1
+            continue
+        try:
+            kv = lazy.materialize() if lazy is not None else None
+        except CorruptObject:
+            kv = None
+        if kv is None:
+            counts["damaged"] += 1
+            continue
+        target.put(e.key, kv)
+        counts["recoded"] += 1
+    out.print(f"recoded {counts['recoded']} objects to {codec}; {counts['already']} already were; "
+              f"{counts['damaged']} damaged ones left as they are (see `kvblend store verify`)")
+
+
 @bench_app.command("store")
 def bench_store_command(
     scratch: Annotated[Path, typer.Option(help="scratch directory on the disk to measure (emptied)")] = Path("/tmp/kvblend-bench-store"),

@@ -98,13 +98,16 @@ class DiskStore:
             return None
         try:
             header = self._check(fd, key, path)
-            os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))  # LRU recency, shared by all processes
         except (CorruptObject, OSError) as exc:
             os.close(fd)
             self.discard(key)
             self.stats.add(corrupt=1)
             log.warning("disk tier: %s: treated as a miss", exc)
             return None
+        try:
+            os.utime(fd, ns=(time.time_ns(), os.fstat(fd).st_mtime_ns))  # LRU recency, seen by every process
+        except OSError:  # a read-only store: recency is the kernel's own access time
+            pass
         return LazyChunk(header, FileReader(fd, path), self.stats, self.name, self.discard, self.pin)
 
     @staticmethod

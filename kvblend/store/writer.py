@@ -13,12 +13,14 @@ import threading
 from typing import Protocol
 
 from kvblend.store.base import ChunkKV
+from kvblend.store.stats import TierStats
 
 log = logging.getLogger(__name__)
 
 
 class WritableTier(Protocol):
     name: str
+    stats: TierStats
 
     def put(self, key: str, kv: ChunkKV) -> None: ...
 
