@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
@@ -25,7 +26,8 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from kvblend.api import KVBlend
 from kvblend.corpus.embed import Embedder
-from kvblend.integrations.common import ensure_cached, stream_text
+from kvblend.corpus.precompute import ensure_cached
+from kvblend.integrations.streaming import stream_text
 
 
 class KVBlendRetriever(BaseRetriever):
@@ -38,7 +40,7 @@ class KVBlendRetriever(BaseRetriever):
 
     def _annotate(self, documents: list[Document]) -> list[Document]:
         statuses = ensure_cached(self.kvblend, [d.page_content for d in documents])
-        return [d.model_copy(update={"metadata": {**d.metadata, "kvblend": s}}) for d, s in zip(documents, statuses)]
+        return [d.model_copy(update={"metadata": {**d.metadata, "kvblend": asdict(s)}}) for d, s in zip(documents, statuses)]
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
         documents = self.retriever.invoke(query, config={"callbacks": run_manager.get_child()})

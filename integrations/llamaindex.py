@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 from collections.abc import Sequence
 from contextvars import ContextVar
+from dataclasses import asdict
 from typing import Any, Literal
 
 from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
@@ -29,7 +30,8 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, Query
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
 from kvblend.api import KVBlend
-from kvblend.integrations.common import ensure_cached, stream_text
+from kvblend.corpus.precompute import ensure_cached
+from kvblend.integrations.streaming import stream_text
 
 ANNOTATION = "kvblend"
 
@@ -39,7 +41,18 @@ def chunk_text(node: BaseNode) -> str:
     return node.get_content(metadata_mode=MetadataMode.LLM)
 
 
+def _copy_for_annotation(node: BaseNode) -> BaseNode:
+    """A copy whose LLM and embedding text ignore our annotation; the index's own node stays untouched."""
+    return node.model_copy(update={
+        "metadata": dict(node.metadata),
+        "excluded_llm_metadata_keys": sorted({*node.excluded_llm_metadata_keys, ANNOTATION}),
+        "excluded_embed_metadata_keys": sorted({*node.excluded_embed_metadata_keys, ANNOTATION}),
+    })
+
+
 class KVBlendNodePostprocessor(BaseNodePostprocessor):
+    """Pinned chunks first, then the retrieved nodes; every node's KV stored and its status annotated."""
+
     kvblend: KVBlend = Field(exclude=True)
     pinned_texts: list[str] = Field(default_factory=list, description="chunks always placed first, in this order")
 
@@ -54,14 +67,9 @@ class KVBlendNodePostprocessor(BaseNodePostprocessor):
     def _postprocess_nodes(self, nodes: list[NodeWithScore], query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
         pinned = set(self.pinned_texts)
         ordered = self._pinned() + [n for n in nodes if n.node.get_content(metadata_mode=MetadataMode.NONE) not in pinned]
-        out = []
-        for n in ordered:  # copies: the index's own nodes stay untouched
-            excluded = sorted({*n.node.excluded_llm_metadata_keys, ANNOTATION})
-            node = n.node.model_copy(update={"metadata": dict(n.node.metadata), "excluded_llm_metadata_keys": excluded,
-                                             "excluded_embed_metadata_keys": sorted({*n.node.excluded_embed_metadata_keys, ANNOTATION})})
-            out.append(NodeWithScore(node=node, score=n.score))
+        out = [NodeWithScore(node=_copy_for_annotation(n.node), score=n.score) for n in ordered]
         for n, status in zip(out, ensure_cached(self.kvblend, [chunk_text(n.node) for n in out])):
-            n.node.metadata[ANNOTATION] = status
+            n.node.metadata[ANNOTATION] = asdict(status)
         return out
 
 

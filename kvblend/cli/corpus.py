@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.filesize import decimal
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -21,19 +22,13 @@ EmbedderOpt = Annotated[Optional[str], typer.Option("--embedder", help="sentence
 
 class TokensPerSecond(ProgressColumn):
     def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} tok/s" if task.speed else "– tok/s", style="progress.data.speed")
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} tok/s" if speed else "– tok/s", style="progress.data.speed")
 
 
 def _fail(message: object) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}")
     return typer.Exit(2)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
 
 
 def _load_tokenizer_and_config(model: str):
@@ -69,7 +64,7 @@ def precompute(
     threads: ThreadsOpt = None,
 ):
     """Chunk a corpus, encode every chunk's KV into the store (resumable) and index the chunks."""
-    from kvblend.corpus import ChunkIndex, ChunkSplitter, CorpusError, CorpusFolder, Embedder, kv_bytes_per_token, plan_chunks, read_corpus, store_chunks
+    from kvblend.corpus import ChunkSplitter, CorpusError, CorpusFolder, kv_bytes_per_token, plan_chunks, read_corpus
 
     read = read_corpus(paths, text_field=text_field, encoding=encoding)
     for problem in read.problems:
@@ -88,7 +83,7 @@ def precompute(
     total_tokens = sum(p.tokens for p in planned)
     per_token = kv_bytes_per_token(config, dtype)
     console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
-                  f"KV {per_token:,} B/token ({dtype}) → store needs {_human_bytes(per_token * total_tokens)}")
+                  f"KV {per_token:,} B/token ({dtype}) → store needs {decimal(per_token * total_tokens)}")
     if dry_run:
         return
 
@@ -97,9 +92,18 @@ def precompute(
         folder.claim(model, kb.adapter.fingerprint)
     except CorpusError as exc:
         raise _fail(exc)
+    records = _encode(kb, planned, folder, per_token)
+    if index:
+        _index(records, embedder, folder)
+
+
+def _encode(kb, planned, folder, per_token: int) -> list:
+    """Store every chunk's KV with a progress bar (tokens/s, ETA); returns the chunks' manifest records."""
+    from kvblend.corpus import store_chunks
+
     started = time.perf_counter()
     with folder.manifest() as manifest, _token_progress() as progress:
-        task = progress.add_task("encoding KV", total=total_tokens, done=0, count=len(planned))
+        task = progress.add_task("encoding KV", total=sum(p.tokens for p in planned), done=0, count=len(planned))
 
         def advance(item, computed: bool) -> None:
             done = progress.tasks[task].fields["done"] + 1
@@ -112,22 +116,24 @@ def precompute(
         records = [manifest.records[p.chunk.id] for p in planned]
     if flush := getattr(kb.store, "flush", None):
         flush()  # background disk writes are done before the run reports success
-    elapsed = time.perf_counter() - started
-    console.print(f"encoded {report.encoded} chunks ({report.tokens_encoded:,} tokens, "
-                  f"{_human_bytes(report.tokens_encoded * per_token)}) in {elapsed:.1f}s; "
-                  f"skipped {report.skipped} already stored")
-    if index:
-        try:
-            emb = Embedder(embedder)
-        except (ValueError, OSError) as exc:
-            raise _fail(exc)
-        unique = len({r.key for r in records})
-        with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                      TimeRemainingColumn(), console=console) as progress:
-            task = progress.add_task("embedding", total=unique)
-            built = ChunkIndex.build(records, emb, on_batch=lambda n: progress.advance(task, n))
-        folder.save_index(built)
-        console.print(f"indexed {len(built.records)} unique chunks with {emb.name} → {folder.root}")
+    console.print(f"encoded {report.encoded} chunks ({report.tokens_encoded:,} tokens, {decimal(report.tokens_encoded * per_token)}) "
+                  f"in {time.perf_counter() - started:.1f}s; skipped {report.skipped} already stored")
+    return records
+
+
+def _index(records: list, embedder: str | None, folder) -> None:
+    from kvblend.corpus import ChunkIndex, Embedder
+
+    try:
+        emb = Embedder(embedder)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc)
+    with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("embedding", total=len({r.key for r in records}))
+        built = ChunkIndex.build(records, emb, on_batch=lambda n: progress.advance(task, n))
+    folder.save_index(built)
+    console.print(f"indexed {len(built.records)} unique chunks with {emb.name} → {folder.root}")
 
 
 @app.command()
@@ -148,7 +154,7 @@ def ask(
     threads: ThreadsOpt = None,
 ):
     """Retrieve the top-k chunks of the store's corpus for QUESTION, blend their caches, stream the answer."""
-    from kvblend.corpus import CorpusError, CorpusFolder, Embedder
+    from kvblend.corpus import CorpusError, CorpusFolder, Embedder, ensure_cached
 
     try:
         folder = CorpusFolder.for_store(store, corpus)
@@ -164,9 +170,8 @@ def ask(
         raise _fail(exc)
     chunks = [h.record.text for h in hits]
     if precompute:
-        cached: list[bool] = []
         with console.status("checking the retrieved chunks' caches (encoding any missing)"):
-            kb.precompute(chunks, on_chunk=lambda n, computed: cached.append(not computed))
+            cached = [status.hit for status in ensure_cached(kb, chunks)]
     else:
         cached = [kb.store.contains(h.record.key) for h in hits]
     try:

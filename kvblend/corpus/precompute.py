@@ -32,6 +32,20 @@ def plan_chunks(documents: list[Document], splitter: ChunkSplitter, tokenizer) -
     return [PlannedChunk(c, len(ids)) for c, ids in zip(chunks, counts)]
 
 
+@dataclass(frozen=True)
+class CacheStatus:
+    key: str
+    hit: bool  # a valid cache was already stored: nothing had to be encoded
+    tokens: int
+
+
+def ensure_cached(kb, texts: list[str]) -> list[CacheStatus]:
+    """Encode the texts' KV where kb's store lacks a valid cache; says per text whether it was there."""
+    outcomes: list[tuple[int, bool]] = []
+    keys = kb.precompute(texts, on_chunk=lambda n, computed: outcomes.append((n, computed)))
+    return [CacheStatus(key, not computed, n) for key, (n, computed) in zip(keys, outcomes)]
+
+
 @dataclass
 class PrecomputeReport:
     encoded: int = 0
@@ -47,16 +61,14 @@ def store_chunks(kb, planned: list[PlannedChunk], manifest: Manifest,
     """
     report = PrecomputeReport()
     for item in planned:
-        outcome: list[tuple[int, bool]] = []
-        [key] = kb.precompute([item.chunk.text], on_chunk=lambda n, computed: outcome.append((n, computed)))
-        tokens, computed = outcome[0]
+        [status] = ensure_cached(kb, [item.chunk.text])
         c = item.chunk
-        manifest.append(ChunkRecord(id=c.id, source=c.source, start=c.start, end=c.end, key=key, tokens=tokens, text=c.text))
-        if computed:
-            report.encoded += 1
-            report.tokens_encoded += tokens
-        else:
+        manifest.append(ChunkRecord(id=c.id, source=c.source, start=c.start, end=c.end, key=status.key, tokens=status.tokens, text=c.text))
+        if status.hit:
             report.skipped += 1
+        else:
+            report.encoded += 1
+            report.tokens_encoded += status.tokens
         if on_chunk:
-            on_chunk(item, computed)
+            on_chunk(item, not status.hit)
     return report
