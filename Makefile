@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,triton,redis,langchain,llamaindex,index
+EXTRAS ?= dev,triton,redis,langchain,llamaindex,index,corpus,embed
 
 .PHONY: setup demo test clean
 
