@@ -62,6 +62,8 @@ class KVBlend:
     >>> kb = KVBlend()                              # SmolLM2-135M on CPU, caches in memory
     >>> kb.precompute(["chunk one ...", "chunk two ..."])
     >>> kb.generate(["chunk two ...", "chunk one ..."], "question?").text
+
+    engine="vllm" decodes with vLLM instead of transformers (the blend still runs here): docs/vllm.md.
     """
 
     def __init__(
@@ -71,7 +73,10 @@ class KVBlend:
         device: str | None = None,
         dtype: str | None = None,
         config: KVBlendConfig | BlendConfig | None = None,
+        engine: str = "hf",
     ):
+        if engine not in ("hf", "vllm"):
+            raise ValueError(f"unknown engine {engine!r}; choose hf or vllm")
         if isinstance(config, BlendConfig):
             config = KVBlendConfig(blend=config)
         config = (config or KVBlendConfig()).model_copy()
@@ -92,6 +97,11 @@ class KVBlend:
         self.stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        self.engine = None  # None: transformers decodes; else an object with generate/stream (kvblend.engines.vllm)
+        if engine == "vllm":
+            from kvblend.engines.vllm import VLLMEngine
+
+            self.engine = VLLMEngine(self)
 
     # -- chunks -------------------------------------------------------------------------------
     def key_for(self, token_ids: list[int]) -> str:
@@ -177,6 +187,9 @@ class KVBlend:
     def stream(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: Method = "blend",
                sampling: Sampling | None = None, config: BlendConfig | None = None) -> Iterator[int]:
         """Yield generated token ids as they come."""
+        if self.engine is not None:
+            yield from self.engine.stream(chunks, question, max_new_tokens, method, sampling, config)
+            return
         pre = self.prefill(chunks, question, method, config)
         yield from decode(self.model, pre.cache, pre.logits, pre.ids.numel(), max_new_tokens, sampling or Sampling(), self.stop_ids)
 
@@ -184,6 +197,8 @@ class KVBlend:
                  sampling: Sampling | None = None, config: BlendConfig | None = None,
                  on_text: Callable[[str], None] | None = None) -> GenerateResult:
         """Answer `question` over `chunks` (in the given order); the first token comes from the blend."""
+        if self.engine is not None:
+            return self.engine.generate(chunks, question, max_new_tokens, method, sampling, config, on_text)
         pre = self.prefill(chunks, question, method, config)
         tokens: list[int] = []
         t1 = time.perf_counter()

@@ -12,7 +12,7 @@ ModelOpt = Annotated[str, typer.Option("--model", help="model alias (smollm2-135
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="KV store directory (default: in memory)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
-EngineOpt = Annotated[str, typer.Option("--engine", help="decoding engine: hf")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="decoding engine: hf (transformers) or vllm (pip install 'kvblend[vllm]')")]
 RatioOpt = Annotated[float, typer.Option("--recompute-ratio", "-r", min=0.0, max=1.0, help="share of cached tokens recomputed")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads")]
 
@@ -21,12 +21,12 @@ def make_kvblend(model: str, store: str | None, device: str, dtype: str, engine:
     """Build a KVBlend from CLI options; errors become a clean exit with the message."""
     from kvblend import BlendConfig, KVBlend, KVBlendConfig
 
-    if engine != "hf":
-        raise typer.BadParameter(f"unknown engine {engine!r} (available: hf)", param_hint="--engine")
+    if engine not in ("hf", "vllm"):
+        raise typer.BadParameter(f"unknown engine {engine!r} (available: hf, vllm)", param_hint="--engine")
     try:
         cfg = KVBlendConfig(model=model, store=store, device=device, dtype=dtype, threads=threads, blend=BlendConfig(**blend))
         with console.status(f"loading {model}"):
-            return KVBlend(config=cfg)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+            return KVBlend(config=cfg, engine=engine)
+    except (ValueError, FileNotFoundError, OSError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)

@@ -17,9 +17,10 @@ from kvblend.cli.common import DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOp
 @app.command("eval")
 def eval_command(
     dataset: Annotated[Path, typer.Argument(exists=True, help="CacheBlend prompt file/folder or MuSiQue-style JSON list")],
-    methods: Annotated[str, typer.Option(help="comma list: full, reuse, blend, blend[key=value,...]")] = "full,reuse,blend",
+    methods: Annotated[str, typer.Option(help="comma list: full, reuse, blend, blend[key=value,...], prefix (vllm)")] = "full,reuse,blend",
     limit: Annotated[Optional[int], typer.Option(min=1, help="first N records")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="keep each record's first K contexts, in order")] = None,
+    shuffle_seed: Annotated[Optional[int], typer.Option(help="ask each record's chunks in a seeded shuffled order (precomputed in dataset order)")] = None,
     recompute_ratio: RatioOpt = 0.15,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
@@ -47,7 +48,7 @@ def eval_command(
         raise typer.BadParameter(str(exc), param_hint="--methods")
     with Progress(console=console) as progress:
         task = progress.add_task(f"eval {len(records)} records x {len(specs)} methods", total=len(records))
-        report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task))
+        report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task), shuffle_seed=shuffle_seed)
     summary = report.summary()
     table = Table(title=f"{dataset.name}: {len(records)} records, top-k {top_k or 'all'}")
     for col in ("method", "F1", "1st-tok agree", "tok agree", "KL first", "KL tf16", "TTFT med (s)", "speed-up"):
@@ -58,7 +59,7 @@ def eval_command(
                       f"{s['kl_tf']:.3f}", f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
     console.print(table)
     if json_out:
-        config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "max_new_tokens": max_new_tokens,
+        config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "shuffle_seed": shuffle_seed, "engine": engine, "max_new_tokens": max_new_tokens,
                   "kvblend": kb.config.model_dump(), "threads": threads}
         per_record = {name: [vars(r) for r in rows] for name, rows in report.methods.items()}
         json_out.write_text(json.dumps({"methods": summary, "config": config, "records": per_record}, indent=2))

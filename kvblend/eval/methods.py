@@ -11,7 +11,7 @@ import yaml
 
 from kvblend.config import BlendConfig
 
-BASE_METHODS = ("full", "reuse", "blend")
+BASE_METHODS = ("full", "reuse", "blend", "prefix")  # prefix: vLLM's prefix caching (--engine vllm)
 
 
 @dataclass

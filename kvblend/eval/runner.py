@@ -6,6 +6,8 @@ greedy continuation (KL over the first positions: steadier than first-token KL a
 """
 from __future__ import annotations
 
+import math
+import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,40 +79,60 @@ def evaluate(
     max_new_tokens: int = 32,
     tf_tokens: int = 16,
     on_record: Callable[[int], None] | None = None,
+    shuffle_seed: int | None = None,
 ) -> EvalReport:
-    """Run `methods` (the first must be full) on `records`; returns per-record rows per method."""
+    """Run `methods` (the first must be full) on `records`; returns per-record rows per method.
+
+    With `shuffle_seed`, chunks are precomputed in dataset order and every method is asked them in
+    one shuffled order per record, so cached prefixes rarely match. With `kb.engine` (vLLM), methods
+    decode there and KL is not available (NaN): vLLM returns no full distributions.
+    """
     if methods[0].method != "full":
         raise ValueError("the first method must be full (the reference)")
     report = EvalReport({m.name: [] for m in methods})
+    engine = kb.engine
+    chunk_cache = engine or kb  # the vLLM engine's precompute also warms vLLM's prefix cache
     for spec in methods:  # warm-up: first calls pay one-off allocation and kernel selection costs
-        kb.precompute(records[0].chunks)
-        kb.prefill(records[0].chunks, records[0].question, spec.method, spec.config)
+        chunk_cache.precompute(records[0].chunks)
+        if engine is None:
+            kb.prefill(records[0].chunks, records[0].question, spec.method, spec.config)
+        else:
+            engine.generate(records[0].chunks, records[0].question, 1, spec.method, config=spec.config)
     for idx, record in enumerate(records):
-        kb.precompute(record.chunks)
+        chunk_cache.precompute(record.chunks)
+        chunks = record.chunks if shuffle_seed is None else random.Random(shuffle_seed + idx).sample(record.chunks, len(record.chunks))
         ref_logits: torch.Tensor | None = None
         ref_tokens: list[int] = []
         for spec in methods:
-            pre = kb.prefill(record.chunks, record.question, spec.method, spec.config)
-            n = pre.ids.numel()
             steps = max(max_new_tokens, tf_tokens) if spec.method == "full" else max_new_tokens
-            tokens = list(decode(kb.model, pre.cache, pre.logits, n, steps, Sampling(), kb.stop_ids))
+            pre = None
+            if engine is None:
+                pre = kb.prefill(chunks, record.question, spec.method, spec.config)
+                stats = pre.stats
+                tokens = list(decode(kb.model, pre.cache, pre.logits, pre.ids.numel(), steps, Sampling(), kb.stop_ids))
+            else:
+                engine.settle()  # each timed request starts on an idle server (see VLLMEngine.settle)
+                result = engine.generate(chunks, record.question, steps, spec.method, config=spec.config)
+                stats, tokens = result.stats, result.token_ids
             if spec.method == "full":
                 ref_tokens = tokens
-            logits = _forced_logits(kb, pre, ref_tokens[: tf_tokens - 1])
-            if ref_logits is None:
-                ref_logits = logits
-            kls = kl_divergence(ref_logits, logits)
-            kl_first, kl_tf = float(kls[0]), float(kls.mean())
+            kl_first = kl_tf = math.nan
+            if pre is not None:
+                logits = _forced_logits(kb, pre, ref_tokens[: tf_tokens - 1])
+                if ref_logits is None:
+                    ref_logits = logits
+                kls = kl_divergence(ref_logits, logits)
+                kl_first, kl_tf = float(kls[0]), float(kls.mean())
             answer_tokens = tokens[:max_new_tokens]
             report.methods[spec.name].append(
                 MethodRow(
-                    ttft_s=pre.stats.ttft_s,
+                    ttft_s=stats.ttft_s,
                     kl_first=kl_first,
                     kl_tf=kl_tf,
                     first_agree=tokens[0] == ref_tokens[0],
                     token_agree=token_agreement(ref_tokens[:max_new_tokens], answer_tokens),
                     f1=f1_score(_answer(kb, answer_tokens), record.answers) if record.answers else None,
-                    recompute_share=pre.stats.tokens_recomputed / max(1, pre.stats.tokens_cached),
+                    recompute_share=stats.tokens_recomputed / max(1, stats.tokens_cached),
                 )
             )
         if on_record:

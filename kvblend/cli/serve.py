@@ -1,0 +1,61 @@
+"""`kvblend serve`: an OpenAI-compatible endpoint (vLLM's server) whose RAG requests are blended."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvblend.cli import app
+from kvblend.cli.common import DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model: ModelOpt = "smollm2-135m",
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    recompute_ratio: RatioOpt = 0.15,
+    kv_cache_bytes: Annotated[str, typer.Option(help="vLLM's KV cache size, e.g. 1GiB")] = "1GiB",
+    max_model_len: Annotated[Optional[int], typer.Option(min=2, help="longest prompt + answer (default: the model's)")] = None,
+    handoff_dir: Annotated[Optional[Path], typer.Option(help="where fused KV waits for vLLM's worker (default: /dev/shm)")] = None,
+    precompute_misses: Annotated[bool, typer.Option(help="encode chunks missing from the store after answering")] = True,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+):
+    """Serve /v1/completions and /v1/chat/completions; a body's `kvblend: {"chunks": [...]}` is blended.
+
+    Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
+    """
+    from kvblend.config import BlendConfig, KVBlendConfig, parse_bytes
+    from kvblend.engines.vllm import connector_config
+    from kvblend.engines.vllm_handoff import HandoffDir
+    from kvblend.engines.vllm_serve import MIDDLEWARE, SETTINGS_ENV, run_vllm_server
+    from kvblend.models import resolve_model
+
+    try:
+        cfg = KVBlendConfig(model=model, store=store, device=device, dtype=dtype, threads=threads,
+                            blend=BlendConfig(recompute_ratio=recompute_ratio))
+        folder = resolve_model(model)
+        cache_bytes = int(parse_bytes(kv_cache_bytes))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    handoff = HandoffDir(handoff_dir)
+    os.environ[SETTINGS_ENV] = json.dumps({"kvblend": cfg.model_dump(mode="json"), "handoff_dir": str(handoff.folder),
+                                           "precompute_misses": precompute_misses})
+    vllm_args = [
+        "--model", folder, "--dtype", dtype, "--host", host, "--port", str(port),
+        "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(cache_bytes),
+        "--kv-transfer-config", json.dumps(connector_config(str(handoff.folder))), "--middleware", MIDDLEWARE,
+    ]
+    if max_model_len:
+        vllm_args += ["--max-model-len", str(max_model_len)]
+    if "--served-model-name" not in ctx.args:
+        vllm_args += ["--served-model-name", model]
+    run_vllm_server(vllm_args + list(ctx.args))

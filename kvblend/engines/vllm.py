@@ -1,0 +1,248 @@
+"""vLLM engine: kvblend blends in this process (transformers), vLLM decodes from the fused KV.
+
+A blended request is prepared here (prompt built, blend run, fused KV written to a hand-off
+file) and submitted to `vllm.LLM` as token ids whose `kv_transfer_params` name the hand-off;
+`KVBlendConnector` loads it into vLLM's paged cache and vLLM computes only the last prompt
+token. Baselines run on vLLM too, so comparisons are like for like: `full` is plain vLLM
+prefill (prefix caching off, no hand-off); `prefix` uses a second `LLM` with automatic prefix
+caching. See docs/vllm.md.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvblend.api import GenerateResult, RequestStats
+from kvblend.config import BlendConfig
+from kvblend.engines.hf import Sampling
+from kvblend.engines.vllm_handoff import PARAM, HandoffDir
+from kvblend.models import resolve_model
+
+if TYPE_CHECKING:
+    from kvblend.api import KVBlend
+
+log = logging.getLogger(__name__)
+METHODS = ("blend", "full", "reuse", "prefix")
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+WORKER_BUSY_POLL_S = 1.0  # vLLM workers busy-poll this long after their last step (shm_broadcast.SpinCondition)
+
+
+def connector_config(handoff_dir: str, save_dir: str | None = None) -> dict[str, Any]:
+    """The `KVTransferConfig` fields that load kvblend's connector (also the JSON of --kv-transfer-config)."""
+    extra = {"handoff_dir": handoff_dir} | ({"save_dir": save_dir} if save_dir else {})
+    return {
+        "kv_connector": "KVBlendConnector",
+        "kv_connector_module_path": "kvblend.engines.vllm_connector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra,
+    }
+
+
+@dataclass
+class VLLMRequestStats(RequestStats):
+    """RequestStats plus what vLLM reports: prompt tokens it did not compute (hand-off or prefix cache)."""
+
+    engine_cached_tokens: int = 0
+
+
+@dataclass
+class Prepared:
+    """A request ready for vLLM: its prompt ids and, when blended, its hand-off key."""
+
+    ids: list[int]
+    stats: VLLMRequestStats
+    handoff_key: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
+def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str, method: str,
+            config: BlendConfig | None, max_model_len: int) -> Prepared:
+    """Build the prompt; for blend/reuse with at least one cached chunk, blend and write the hand-off.
+
+    With no chunk in the store, blending would be a slow full prefill, so vLLM prefills instead.
+    A prompt over vLLM's max_model_len goes to vLLM untouched, which rejects it with its own error.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    t0 = time.perf_counter()
+    prompt = kb.build_prompt(chunks, question)
+    ids = prompt.ids
+    stats = VLLMRequestStats(method=method, tokens_total=len(ids))
+    chunk_ids = [seg.ids for seg in prompt.segments if seg.chunk is not None]
+    if method in ("blend", "reuse") and len(ids) <= max_model_len:
+        if any(kb.store.contains(kb.key_for(c)) for c in chunk_ids):
+            pre = kb.prefill(chunks, question, method, config)
+            t1 = time.perf_counter()
+            layers = pre.cache.layers
+            key = handoff.write(ids, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
+            stats = VLLMRequestStats(**pre.stats.as_dict())
+            stats.stages_s["handoff"] = time.perf_counter() - t1
+            stats.stages_s["prepare"] = time.perf_counter() - t0
+            return Prepared(ids, stats, key)
+        stats.chunk_misses = len(chunk_ids)
+    stats.stages_s["prepare"] = time.perf_counter() - t0
+    return Prepared(ids, stats)
+
+
+class VLLMEngine:
+    """Decodes kvblend prompts with `vllm.LLM`; blended prompts arrive through the KV connector.
+
+    Holds a second copy of the model's weights (vLLM's) beside the transformers model the blend
+    runs on. `kv_cache_bytes` caps vLLM's KV cache (on CPU, vLLM would otherwise take most of RAM).
+    """
+
+    def __init__(self, kb: "KVBlend", kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_model_len: int | None = None,
+                 handoff_dir: str | None = None, save_dir: str | None = None, **llm_options: Any):
+        self.kb = kb
+        self.handoff = HandoffDir(handoff_dir)
+        self.save_dir = save_dir
+        self._options = dict(model=resolve_model(kb.config.model), dtype=kb.config.dtype, seed=0,
+                             kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len) | llm_options
+        self.llm = self._start(prefix_caching=False)
+        self._prefix_llm = None
+        self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
+        self._ids = itertools.count()
+        self._last_step = 0.0
+
+    def _start(self, prefix_caching: bool):
+        try:
+            from vllm import LLM
+            from vllm.config import KVTransferConfig
+        except ImportError as exc:
+            raise ImportError(f"the vllm engine needs vLLM ({exc}): pip install 'kvblend[vllm]' on CPU, "
+                              "pip install vllm on CUDA; see docs/vllm.md") from exc
+
+        connector = None if prefix_caching else KVTransferConfig(**connector_config(str(self.handoff.folder), self.save_dir))
+        return LLM(enable_prefix_caching=prefix_caching, kv_transfer_config=connector, **self._options)
+
+    def _llm_for(self, method: str):
+        if method != "prefix":
+            return self.llm
+        if self._prefix_llm is None:
+            self._prefix_llm = self._start(prefix_caching=True)
+        return self._prefix_llm
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes."""
+        for llm in (self.llm, self._prefix_llm):
+            if llm is not None:
+                llm.llm_engine.engine_core.shutdown()
+        self._prefix_llm = None
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def precompute(self, texts: Iterable[str], on_chunk: Callable[[int, bool], None] | None = None) -> list[str]:
+        """kvblend's chunk caches, and (once `prefix` has been used) the prefix cache's view of them.
+
+        The prefix cache is warmed with one request over the chunks in the given order: what
+        earlier traffic over the same documents would have left there. Requests that put the
+        chunks in another order then hit only as far as their prefix matches.
+        """
+        texts = list(texts)
+        keys = self.kb.precompute(texts, on_chunk)
+        if self._prefix_llm is not None:
+            self.generate(texts, "", max_new_tokens=1, method="prefix")
+        return keys
+
+    def settle(self) -> None:
+        """Wait until vLLM's workers stop busy-polling after the last request, for benchmarks.
+
+        On a CPU machine the polling worker takes a core from whatever runs next (the blend
+        included), so back-to-back timed requests would measure the previous one's tail.
+        """
+        time.sleep(max(0.0, self._last_step + WORKER_BUSY_POLL_S - time.perf_counter()))
+
+    # -- generation -----------------------------------------------------------------------------
+    def _sampling_params(self, max_new_tokens: int, sampling: Sampling, prepared: Prepared):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra = {"kv_transfer_params": {PARAM: prepared.handoff_key}} if prepared.handoff_key else None
+        return SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                              seed=sampling.seed if sampling.temperature > 0 else None,
+                              stop_token_ids=sorted(self.kb.stop_ids), output_kind=RequestOutputKind.DELTA,
+                              extra_args=extra)
+
+    def _events(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int, method: str,
+                sampling: Sampling | None, config: BlendConfig | None) -> Iterator[tuple[int, Prepared, list[int]]]:
+        """Prepare and submit each request in turn (vLLM starts on one while the next blends), then
+        yield (request index, request, new tokens) as vLLM produces them. TTFT counts from the batch's start."""
+        from vllm.inputs import TokensPrompt
+
+        llm = self._llm_for(method)
+        engine, sampling = llm.llm_engine, sampling or Sampling()
+        started = time.perf_counter()
+        prepared: list[Prepared] = []
+        running: dict[str, tuple[int, Prepared]] = {}
+        unfinished: set[str] = set()
+        try:
+            for i, (chunks, question) in enumerate(requests):
+                p = prepare(self.kb, self.handoff, chunks, question, method, config, self.max_model_len)
+                prepared.append(p)
+                req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
+                engine.add_request(req_id, TokensPrompt(prompt_token_ids=p.ids), self._sampling_params(max_new_tokens, sampling, p))
+                running[req_id] = (i, p)
+                unfinished.add(req_id)
+            while unfinished:
+                outputs = engine.step()
+                self._last_step = time.perf_counter()
+                for out in outputs:
+                    if out.request_id not in running:
+                        continue
+                    i, p = running[out.request_id]
+                    new = list(out.outputs[0].token_ids)
+                    now = time.perf_counter()
+                    if new and p.first_token_at is None:
+                        p.first_token_at = now
+                        p.stats.ttft_s = now - started
+                        p.stats.engine_cached_tokens = out.num_cached_tokens or 0
+                    p.tokens += new
+                    if out.finished:
+                        unfinished.discard(out.request_id)
+                        p.stats.decode_s = now - (p.first_token_at or now)
+                    yield i, p, new
+        finally:
+            if unfinished:
+                engine.abort_request(list(unfinished))
+            for p in prepared:
+                if p.handoff_key:
+                    self.handoff.remove(p.handoff_key)
+
+    def _result(self, p: Prepared) -> GenerateResult:
+        text = self.kb.tokenizer.decode([t for t in p.tokens if t not in self.kb.stop_ids], skip_special_tokens=True)
+        return GenerateResult(text=text.strip(), token_ids=p.tokens, ttft_s=p.stats.ttft_s, stats=p.stats)
+
+    def generate_many(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int = 64, method: str = "blend",
+                      sampling: Sampling | None = None, config: BlendConfig | None = None) -> list[GenerateResult]:
+        """Answer several (chunks, question) requests at once; vLLM batches their decoding."""
+        done: dict[int, Prepared] = {}
+        for i, p, _ in self._events(requests, max_new_tokens, method, sampling, config):
+            done[i] = p
+        return [self._result(done[i]) for i in range(len(requests))]
+
+    def stream(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: str = "blend",
+               sampling: Sampling | None = None, config: BlendConfig | None = None) -> Iterator[int]:
+        """Yield generated token ids as vLLM produces them."""
+        for _, _, new in self._events([(chunks, question)], max_new_tokens, method, sampling, config):
+            yield from new
+
+    def generate(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: str = "blend",
+                 sampling: Sampling | None = None, config: BlendConfig | None = None,
+                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
+        """Answer `question` over `chunks`, like `KVBlend.generate`, decoding with vLLM."""
+        prepared = None
+        for _, prepared, new in self._events([(chunks, question)], max_new_tokens, method, sampling, config):
+            if on_text and new:
+                on_text(self.kb.tokenizer.decode(new, skip_special_tokens=True))
+        return self._result(prepared)

@@ -1,0 +1,259 @@
+"""kvblend's out-of-tree vLLM KV connector: feeds a blended prompt's fused KV to vLLM.
+
+Loaded by vLLM itself (no patch), in the scheduler process and in each worker:
+
+    KVTransferConfig(kv_connector="KVBlendConnector",
+                     kv_connector_module_path="kvblend.engines.vllm_connector",
+                     kv_role="kv_both", kv_load_failure_policy="recompute",
+                     kv_connector_extra_config={"handoff_dir": ..., "save_dir": ...})
+
+Scheduler side: a request whose `kv_transfer_params` names a hand-off (see `vllm_handoff`) that
+matches its prompt gets every prompt token but the last reported as externally computed, so vLLM
+computes only the last token (the first output's logits) and decodes. Anything else passes
+through untouched. Worker side: the fused KV is written into the paged cache layer by layer, in
+`wait_for_layer_load` just before each layer's attention, with the attention backend's own write
+(`impl.do_kv_cache_update`: `cpu_attn_reshape_and_cache` on CPU, `reshape_and_cache_flash` on
+CUDA FlashAttention). A hand-off that cannot be read is reported as failed blocks and vLLM
+recomputes them. Optional save path: a request with `kvblend_save: true` has its prompt KV
+(all tokens but the last) written to `save_dir` in the hand-off format; the response's
+`kv_transfer_params` carries the file's key as `kvblend_saved`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+
+from kvblend.engines.vllm_handoff import PARAM, HandoffDir, HandoffHeader, is_handoff_key, layer_kv, prompt_digest
+from kvblend.engines.vllm_layout import gather_tokens, probe_block_layout
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+SAVE_PARAM, SAVED_PARAM = "kvblend_save", "kvblend_saved"
+_LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+
+
+def layer_index(layer_name: str) -> int:
+    match = _LAYER_INDEX.search(layer_name)
+    if match is None:
+        raise ValueError(f"no layer index in attention layer name {layer_name!r}")
+    return int(match.group(1))
+
+
+@dataclass
+class LoadSpec:
+    """Write hand-off tokens start..end-1 of a request into its blocks."""
+
+    req_id: str
+    key: str
+    start: int
+    end: int
+    block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SaveSpec:
+    """Read a request's prompt tokens 0..num_tokens-1 out of its blocks into save_dir/<key>."""
+
+    req_id: str
+    key: str
+    num_tokens: int
+    digest: str
+    prompt_len: int
+    block_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class KVBlendMetadata(KVConnectorMetadata):
+    """One step's work for the workers: plain data, pickled across processes."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _ActiveLoad:
+    spec: LoadSpec
+    reader: Any
+    slots: torch.Tensor
+    pending: set[str]
+
+
+class KVBlendConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config, role, kv_cache_config)
+        parallel = vllm_config.parallel_config
+        if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+            raise NotImplementedError("KVBlendConnector supports one worker (tensor and pipeline parallel size 1)")
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self._handoff = HandoffDir(extra.get("handoff_dir"))
+        self._save_dir = HandoffDir(extra["save_dir"]) if extra.get("save_dir") else None
+        self._block_size = vllm_config.cache_config.block_size
+        # scheduler side
+        self._loads: dict[str, LoadSpec] = {}
+        self._saves: dict[str, SaveSpec] = {}
+        self._saved: dict[str, str] = {}  # req_id -> key of its saved prompt KV
+        # worker side
+        self._kv_layers: list[str] = []
+        self._layers: dict[str, Any] = {}
+        self._active: list[_ActiveLoad] = []
+        self._failed_blocks: set[int] = set()
+        self._layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._saving: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # saves are best effort: a dropped one is a future miss
+
+    # -- scheduler side -------------------------------------------------------------------------
+    def _matching_handoff(self, request: "Request") -> str | None:
+        key = (request.kv_transfer_params or {}).get(PARAM)
+        if key is None:
+            return None
+        prompt = list(request.prompt_token_ids or [])
+        expected = HandoffHeader(len(prompt) - 1, prompt_digest(prompt[:-1]))
+        if not is_handoff_key(key) or self._handoff.header(key) != expected:
+            log.warning("hand-off %r is missing or not for request %s's prompt: vLLM prefills it", key, request.request_id)
+            return None
+        return key
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._matching_handoff(request) is None:
+            return 0, False
+        return max(0, len(request.prompt_token_ids) - 1 - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        prompt = list(request.prompt_token_ids or [])
+        end = len(prompt) - 1
+        if num_external_tokens > 0:
+            key = self._matching_handoff(request)
+            if key is not None:
+                self._loads[request.request_id] = LoadSpec(request.request_id, key, end - num_external_tokens, end)
+        wants_save = (request.kv_transfer_params or {}).get(SAVE_PARAM)
+        if wants_save and self._save_dir is not None and end > 0 and request.request_id not in self._saves:
+            self._saves[request.request_id] = SaveSpec(request.request_id, uuid.uuid4().hex, end, prompt_digest(prompt[:end]), len(prompt))
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KVBlendMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            self._step(meta, new.req_id, list(new.block_ids[0]), True, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_blocks = cached.new_block_ids[i]
+            blocks = list(new_blocks[0]) if new_blocks is not None else []
+            done = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            self._step(meta, req_id, blocks, req_id in cached.resumed_req_ids, done)
+        return meta
+
+    def _step(self, meta: KVBlendMetadata, req_id: str, blocks: list[int], replace: bool, computed_after: int) -> None:
+        """Emit a request's pending load, and its save once its prompt is fully computed."""
+        if req_id in self._loads:
+            spec = self._loads.pop(req_id)
+            spec.block_ids = blocks  # a new or resumed request's full block list
+            meta.loads.append(spec)
+        save = self._saves.get(req_id)
+        if save is not None:
+            save.block_ids = blocks if replace else save.block_ids + blocks
+            if computed_after >= save.prompt_len:
+                meta.saves.append(self._saves.pop(req_id))
+                self._saved[req_id] = save.key
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._loads.pop(request.request_id, None)
+        self._saves.pop(request.request_id, None)
+        key = self._saved.pop(request.request_id, None)
+        return False, ({SAVED_PARAM: key} if key else None)
+
+    # -- worker side ----------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._kv_layers = list(kv_caches)
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVBlendMetadata)
+        self._layers = forward_context.no_compile_layers
+        if self._active or not meta.loads:
+            return  # called again after the forward (async-load hook); our loads are synchronous
+        for spec in meta.loads:
+            try:
+                reader = self._handoff.open(spec.key)
+            except Exception as exc:  # gone or damaged: vLLM recomputes these blocks
+                log.warning("hand-off %s unreadable (%s): vLLM recomputes request %s", spec.key, exc, spec.req_id)
+                self._fail(spec)
+                continue
+            pos = torch.arange(spec.start, spec.end)
+            blocks = torch.tensor(spec.block_ids, dtype=torch.long)
+            slots = blocks[pos // self._block_size] * self._block_size + pos % self._block_size
+            self._active.append(_ActiveLoad(spec, reader, slots, set(self._kv_layers)))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        for load in self._active:
+            if layer_name not in load.pending:
+                continue
+            load.pending.discard(layer_name)
+            layer = self._layers[layer_name]
+            try:
+                k, v = layer_kv(load.reader, layer_index(layer_name), load.spec.start, load.spec.end)
+                cache = layer.kv_cache
+                layer.impl.do_kv_cache_update(layer, k.to(cache.device, cache.dtype), v.to(cache.device, cache.dtype),
+                                              cache, load.slots.to(cache.device))
+            except Exception as exc:
+                log.warning("hand-off %s layer %s failed (%s): vLLM recomputes request %s", load.spec.key, layer_name, exc, load.spec.req_id)
+                self._fail(load.spec)
+                load.pending.clear()
+            if not load.pending:
+                self._handoff.remove(load.spec.key)
+
+    def _fail(self, spec: LoadSpec) -> None:
+        first, last = spec.start // self._block_size, (spec.end - 1) // self._block_size
+        self._failed_blocks.update(spec.block_ids[first : last + 1])
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVBlendMetadata) or not meta.saves:
+            return
+        try:  # best effort: a failed save is logged, never a crash of the engine
+            if layer_name not in self._layouts:
+                self._layouts[layer_name] = probe_block_layout(self._layers[layer_name], kv_layer, self._block_size)
+            k_off, v_off = self._layouts[layer_name]
+            for spec in meta.saves:
+                k = gather_tokens(kv_layer, k_off, spec.block_ids, spec.num_tokens)
+                v = gather_tokens(kv_layer, v_off, spec.block_ids, spec.num_tokens)
+                self._saving.setdefault(spec.key, {})[layer_index(layer_name)] = (k.cpu(), v.cpu())
+        except Exception as exc:
+            log.warning("cannot read layer %s back from vLLM's cache (%s): prompt KV not saved", layer_name, exc)
+
+    def wait_for_save(self):
+        for load in self._active:
+            if load.pending:  # the layer hooks never ran for these layers: do not trust the cache
+                log.error("hand-off %s: layers %s were not loaded; vLLM recomputes", load.spec.key, sorted(load.pending))
+                self._fail(load.spec)
+        self._active = []
+        meta = self._get_connector_metadata()
+        for spec in meta.saves if isinstance(meta, KVBlendMetadata) else []:
+            layers = self._saving.pop(spec.key, {})
+            if len(layers) != len(self._kv_layers):
+                log.warning("prompt KV of request %s incomplete (%d layers): not saved", spec.req_id, len(layers))
+                continue
+            keys, values = zip(*(layers[i] for i in sorted(layers)))
+            try:
+                self._save_dir.save(spec.key, HandoffHeader(spec.num_tokens, spec.digest), keys, values)
+            except OSError as exc:
+                log.warning("prompt KV of request %s not saved: %s", spec.req_id, exc)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed

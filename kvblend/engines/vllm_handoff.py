@@ -1,0 +1,112 @@
+"""The hand-off of a fused KV cache from kvblend (which blends) to the vLLM worker (which decodes).
+
+The blend runs in the process that holds the transformers model; vLLM's worker is another
+(spawned) process. One request's fused KV travels as one safetensors file in a folder both can
+read, by default a per-user folder in /dev/shm (RAM, no disk I/O):
+
+- tensors `k.<layer>` / `v.<layer>`, each [kv_heads, N, head_dim]: the whole prompt's fused KV as
+  the blend left it (keys rotated at absolute positions), so writing needs no transposed copy;
+- metadata `num_tokens` (the N-1 tokens vLLM takes; it computes the last one itself) and
+  `digest`, a hash of those tokens' ids, so a hand-off is never applied to another prompt.
+
+The file is written atomically (temporary name, then rename). The worker deletes it once loaded;
+the producer deletes it again when the request ends, in case the worker never got to it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_KEY = re.compile(r"^[0-9a-f]{32}$")
+PARAM = "kvblend_handoff"  # the kv_transfer_params field that names a request's hand-off
+
+
+def default_handoff_dir() -> Path:
+    """A per-user folder in shared memory when the machine has one, else in the temp folder."""
+    root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return root / f"kvblend-handoff-{os.getuid()}"
+
+
+def prompt_digest(ids: Sequence[int]) -> str:
+    return hashlib.sha256(json.dumps([int(t) for t in ids]).encode()).hexdigest()
+
+
+def is_handoff_key(key: object) -> bool:
+    """Keys come from request bodies: only our own format is accepted (no paths)."""
+    return isinstance(key, str) and bool(_KEY.match(key))
+
+
+@dataclass(frozen=True)
+class HandoffHeader:
+    num_tokens: int
+    digest: str
+
+
+class HandoffDir:
+    """Writes, reads and removes hand-off files in one folder."""
+
+    def __init__(self, folder: str | Path | None = None):
+        self.folder = Path(folder) if folder else default_handoff_dir()
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, key: str) -> Path:
+        if not is_handoff_key(key):
+            raise ValueError(f"not a hand-off key: {key!r}")
+        return self.folder / f"{key}.safetensors"
+
+    def write(self, ids: Sequence[int], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> str:
+        """Store a prompt's per-layer KV ([kv_heads, N, head_dim], N = len(ids)); returns its key."""
+        n = len(ids)
+        if n < 2 or any(k.shape[1] != n for k in keys):
+            raise ValueError(f"hand-off needs KV for all {n} prompt tokens (and at least 2 tokens)")
+        key = uuid.uuid4().hex
+        self.save(key, HandoffHeader(n - 1, prompt_digest(ids[: n - 1])), keys, values)
+        return key
+
+    def save(self, key: str, header: HandoffHeader, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Atomically write per-layer KV [kv_heads, >= header.num_tokens, head_dim] under key."""
+        tensors = {f"k.{i}": k.contiguous() for i, k in enumerate(keys)}
+        tensors |= {f"v.{i}": v.contiguous() for i, v in enumerate(values)}
+        meta = {"num_tokens": str(header.num_tokens), "digest": header.digest}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, self.path(key))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def header(self, key: str) -> HandoffHeader | None:
+        """The hand-off's header, or None if it is absent or unreadable (a miss, never a crash)."""
+        try:
+            with safe_open(self.path(key), "pt") as f:
+                meta = f.metadata() or {}
+            return HandoffHeader(int(meta["num_tokens"]), meta["digest"])
+        except Exception:  # OSError, a damaged header (safetensors' own error), missing fields
+            return None
+
+    def open(self, key: str):
+        """A lazy reader: `layer_kv(reader, i)` reads one layer only."""
+        return safe_open(self.path(key), "pt")
+
+    def remove(self, key: str) -> None:
+        if is_handoff_key(key):
+            self.path(key).unlink(missing_ok=True)
+
+
+def layer_kv(reader, i: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens start..end-1 of layer i as vLLM's cache-write ops take them: [tokens, kv_heads, head_dim]."""
+    k = reader.get_slice(f"k.{i}")[:, start:end]
+    v = reader.get_slice(f"v.{i}")[:, start:end]
+    return k.transpose(0, 1), v.transpose(0, 1)

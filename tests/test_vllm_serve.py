@@ -1,0 +1,134 @@
+"""`kvblend serve` on a loopback port, driven with the openai client (tiny random model, fp32, CPU).
+
+One server for the whole module (start-up ~40-60 s). Skipped where vLLM is not installed.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
+openai = pytest.importorskip("openai", reason="the openai client is not installed")
+
+from tiny import make_tiny_model  # noqa: E402
+
+from kvblend import KVBlend  # noqa: E402
+
+CHUNKS = [
+    "Alice keeps the spare key under the blue flowerpot by the back door of the old house.",
+    "The train to Lyon leaves at seven in the morning; the one to Turin leaves at nine.",
+    "Bob's favourite number is forty-two, and he writes it on the corner of every page.",
+]
+QUESTION = "Where is the spare key?"
+TOKENS = 10
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(openai client, transformers KVBlend over the same store); the server is stopped afterwards."""
+    root = tmp_path_factory.mktemp("serve")
+    folder = make_tiny_model(root / "model", "llama", head_dim=64, heads=4, kv_heads=2)
+    kb = KVBlend(model=str(folder), store=str(root / "store"))
+    kb.precompute(CHUNKS)
+    kb.store.flush()
+    port = free_port()
+    env = dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="0",
+               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(2, os.cpu_count() or 1) - 1}"))
+    command = [sys.executable, "-c", "from kvblend.cli import app; app()", "serve", "--model", str(folder),
+               "--served-model-name", MODEL, "--store", str(root / "store"), "--port", str(port), "--kv-cache-bytes", "64MiB",
+               "--max-model-len", "1024", "--handoff-dir", str(root / "handoff")]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"kvblend serve exited early:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                if time.time() > deadline:
+                    pytest.fail("kvblend serve did not come up in 300 s")
+                time.sleep(1)
+        yield client, kb
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def chat(client, question, chunks, **kwargs):
+    extra = {"kvblend": {"chunks": chunks}, "return_token_ids": True}
+    return client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=TOKENS, temperature=0,
+        extra_body=extra, **kwargs)
+
+
+def test_chat_request_is_blended_and_matches_transformers(server):
+    client, kb = server
+    raw = chat(client, QUESTION, CHUNKS[::-1])
+    assert raw.headers["x-kvblend-blended"] == "true" and raw.headers["x-kvblend-chunk-hits"] == "3"
+    tokens = raw.parse().choices[0].token_ids
+    assert tokens == kb.generate(CHUNKS[::-1], QUESTION, max_new_tokens=TOKENS).token_ids
+
+
+def test_completion_request_is_blended_and_streams(server):
+    client, kb = server
+    expected = kb.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS).token_ids
+    done = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=TOKENS, temperature=0,
+                                     extra_body={"kvblend": {"chunks": CHUNKS}, "return_token_ids": True})
+    assert done.choices[0].token_ids == expected
+    stream = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=TOKENS, temperature=0, stream=True,
+                                       extra_body={"kvblend": {"chunks": CHUNKS}})
+    assert "".join(c.choices[0].text for c in stream) == done.choices[0].text
+
+
+def test_plain_requests_pass_through(server):
+    client, _ = server
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)
+    assert "x-kvblend-blended" not in raw.headers and raw.parse().choices[0].text is not None
+
+
+def test_concurrent_requests_each_get_their_own_cache(server):
+    client, _ = server
+    questions = [f"Question {i}: {QUESTION}" for i in range(8)]
+    orders = [[CHUNKS[(i + j) % 3] for j in range(3)] for i in range(8)]
+
+    def ask(i):
+        return chat(client, questions[i], orders[i]).parse().choices[0].token_ids
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    alone = [ask(i) for i in range(8)]
+    assert together == alone and len({tuple(t) for t in alone}) > 1
+
+
+def test_bad_kvblend_field_is_a_400(server):
+    client, _ = server
+    with pytest.raises(openai.BadRequestError, match="kvblend.chunks"):
+        client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=2, extra_body={"kvblend": {"chunks": []}})
+
+
+def test_prompt_over_the_kv_cache_gets_vllms_error(server):
+    client, _ = server
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=2,
+                                  extra_body={"kvblend": {"chunks": [c * 8 for c in CHUNKS]}})
