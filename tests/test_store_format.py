@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from kvblend.cli import app
 from kvblend.store import ChunkKV, DiskStore, MemoryStore
+from kvblend.store import disk as disk_module
 from kvblend.store.codecs import CODECS, roundtrip
 from kvblend.store.format import HEAD_READ, CorruptObject, encode_object, parse_header
 
@@ -111,6 +112,32 @@ def test_damaged_objects_are_counted_misses_and_verify_lists_exactly_them(tmp_pa
     assert runner.invoke(app, ["store", "verify", str(tmp_path), "--delete"]).exit_code == 1
     res = runner.invoke(app, ["store", "verify", str(tmp_path)])
     assert res.exit_code == 0 and "2 objects" in res.output
+
+
+def test_layers_read_in_pieces_are_checked_whole(tmp_path, monkeypatch):
+    """Each piece is hashed as it lands, yet damage in any piece, or a file cut short after it was
+    opened (its size check passed), makes the chunk a recompute: never zeros, never stale bytes."""
+    monkeypatch.setattr(disk_module, "READ_PIECE", 1000)  # 6 KiB layers: 7 pieces, the last one partial
+    disk = DiskStore(tmp_path)
+    kvs = [make_kv(i) for i in range(3)]
+    for kv in kvs:
+        disk.put(kv.key, kv)
+    assert torch.equal(disk.get(kvs[0].key).materialize().values, kvs[0].values)
+    header = disk.get(kvs[1].key).header
+    with open(disk.path(kvs[1].key), "r+b") as f:  # one flipped bit in the third piece of layer 2
+        f.seek(header.layer_offset(2) + 2500)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    damaged, cut = disk.get(kvs[1].key), disk.get(kvs[2].key)
+    os.truncate(disk.path(kvs[2].key), header.layer_offset(1) + 1500)
+    for lazy, kv in ((damaged, kvs[1]), (cut, kvs[2])):
+        lazy.recompute = lambda kv=kv: kv
+        lazy.load_through(0)
+        assert not lazy.failed
+        assert torch.equal(lazy.layer(3)[0], kv.keys[3]) and lazy.failed
+    assert disk.stats.corrupt == 2
+    assert disk.stats.bytes_read == header.layer_nbytes * (4 + 2 + 1)  # the sound layers only
 
 
 def test_foreign_and_random_files_are_misses(tmp_path):

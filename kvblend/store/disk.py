@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,9 @@ from kvblend.store.stats import TierStats
 log = logging.getLogger(__name__)
 SUFFIX = ".kvb"
 STALE_TMP_S = 60.0  # a temporary file older than this belongs to a writer that died
+# Bytes per read: small enough that a piece is still in the CPU cache when it is hashed (a whole
+# layer is not: hashing it re-reads memory, ~8% slower overall on the project's machines).
+READ_PIECE = 256 * 2**10
 
 
 class FileReader:
@@ -38,9 +41,12 @@ class FileReader:
         self.fd, self.path = fd, path
         self._closer = weakref.finalize(self, os.close, fd)
 
-    def read_into(self, offset: int, out: memoryview) -> None:
-        if os.preadv(self.fd, [out], offset) != len(out):
-            raise CorruptObject(f"{self.path}: truncated (short read at byte {offset})")
+    def read_into(self, offset: int, out: memoryview, landed: Callable[[memoryview], None]) -> None:
+        for start in range(0, len(out), READ_PIECE):
+            piece = out[start : start + READ_PIECE]
+            if os.preadv(self.fd, [piece], offset + start) != len(piece):
+                raise CorruptObject(f"{self.path}: truncated (short read at byte {offset + start})")
+            landed(piece)
 
     def close(self) -> None:
         self._closer()

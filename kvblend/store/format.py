@@ -34,8 +34,13 @@ class CorruptObject(Exception):
     """A stored object that must not be used: damaged, truncated, foreign or of another format."""
 
 
+def layer_hasher() -> xxhash.xxh3_64:
+    """A fresh hasher of the per-layer checksum, fed part by part (a reader hashes as bytes land)."""
+    return xxhash.xxh3_64()
+
+
 def checksum(parts: list[torch.Tensor] | list[memoryview]) -> int:
-    h = xxhash.xxh3_64()
+    h = layer_hasher()
     for part in parts:
         h.update(part.numpy() if isinstance(part, torch.Tensor) else part)
     return h.intdigest()
@@ -82,7 +87,10 @@ class ObjectHeader:
         return (prefix + body).ljust(self.data_offset, b"\0")
 
     def verify_layer(self, i: int, blob: torch.Tensor | memoryview) -> None:
-        if checksum([blob]) != self.checksums[i]:
+        self.verify_digest(i, checksum([blob]))
+
+    def verify_digest(self, i: int, digest: int) -> None:
+        if digest != self.checksums[i]:
             raise CorruptObject(f"object {self.key}: layer {i} fails its checksum")
 
 

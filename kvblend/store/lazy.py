@@ -18,7 +18,7 @@ import torch
 
 from kvblend.store.base import ChunkKV
 from kvblend.store.codecs import get_codec
-from kvblend.store.format import CorruptObject, ObjectHeader
+from kvblend.store.format import CorruptObject, ObjectHeader, layer_hasher
 from kvblend.store.stats import TierStats
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 class ObjectReader(Protocol):
     """Positioned reads of one stored object (a file descriptor, a Redis key)."""
 
-    def read_into(self, offset: int, out: memoryview) -> None: ...
+    def read_into(self, offset: int, out: memoryview, landed: Callable[[memoryview], None]) -> None:
+        """Fill `out` from `offset`, calling landed(piece) on each piece, in order, once it is in `out`."""
 
     def close(self) -> None: ...
 
@@ -52,6 +53,7 @@ class LazyChunk:
     def _allocate(self) -> None:
         n, lb, shape, dtype = self.num_layers, self.header.layer_nbytes, self.layer_shape, self.dtype
         self._data = torch.empty(n * lb, dtype=torch.uint8, pin_memory=self._pin)
+        self._bytes = memoryview(self._data.numpy())  # layer reads slice this: no tensor op per layer
         if self.header.codec == "raw":  # the blobs are [K | V] per layer: keys and values are views of the bytes
             halves = self._data.view(n, 2, lb // 2)
             self._keys = halves[:, 0].view(dtype).view(n, *shape)
@@ -95,12 +97,13 @@ class LazyChunk:
 
     def _load(self, i: int) -> None:
         lb = self.header.layer_nbytes
-        blob = self._data[i * lb : (i + 1) * lb]
+        blob = self._bytes[i * lb : (i + 1) * lb]
         t0 = time.perf_counter()
-        self._reader.read_into(self.header.layer_offset(i), memoryview(blob.numpy()))
-        self.header.verify_layer(i, blob.numpy())
+        hasher = layer_hasher()
+        self._reader.read_into(self.header.layer_offset(i), blob, hasher.update)
+        self.header.verify_digest(i, hasher.intdigest())
         if self.header.codec != "raw":
-            k, v = self._codec.decode(blob, self.layer_shape, self.dtype)
+            k, v = self._codec.decode(self._data[i * lb : (i + 1) * lb], self.layer_shape, self.dtype)
             self._keys[i].copy_(k)
             self._values[i].copy_(v)
         self.stats.add(bytes_read=lb, read_s=time.perf_counter() - t0)

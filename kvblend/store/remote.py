@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 from redis.backoff import NoBackoff
@@ -29,7 +30,7 @@ class RedisReader:
     def __init__(self, store: "RedisStore", name: str):
         self.store, self.name = store, name
 
-    def read_into(self, offset: int, out: memoryview) -> None:
+    def read_into(self, offset: int, out: memoryview, landed: Callable[[memoryview], None]) -> None:
         try:
             data = self.store.client.getrange(self.name, offset, offset + len(out) - 1)
         except redis.RedisError as exc:
@@ -38,6 +39,7 @@ class RedisReader:
         if len(data) != len(out):
             raise CorruptObject(f"{self.store.url} {self.name}: truncated (short read at byte {offset})")
         out[:] = data
+        landed(out)  # one piece: each GETRANGE is a round trip
 
     def close(self) -> None:
         pass
