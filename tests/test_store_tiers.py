@@ -169,3 +169,14 @@ def test_memory_store_on_its_own_still_works():
     kv = make_kv(4)
     mem.put(kv.key, kv)
     assert mem.get(kv.key) is kv and mem.contains(kv.key) and len(mem) == 1
+
+
+def test_bandwidth_bench_pairs_each_tier_with_its_plain_read(tmp_path):
+    from kvblend.eval.bench_store import bandwidth
+
+    rows = bandwidth(tmp_path / "bw", total_bytes=2**20, repeats=1)
+    assert [(r.what, r.reference) for r in rows] == [
+        ("disk tier, cold", "dd, cold"), ("disk tier, warm", "dd, warm"),
+        ("disk tier, warm", "preadv into memory, warm"), ("cpu tier", "torch copy_")]
+    assert all(r.gbps > 0 and r.reference_gbps > 0 and r.share > 0 for r in rows)
+    assert not (tmp_path / "bw").exists()

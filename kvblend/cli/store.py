@@ -173,7 +173,7 @@ def bench_store_command(
     kb = make_kvblend(model, None, "cpu", "float32", threads=threads) if ttft else None
     with console.status("measuring"):
         rows, ttft_rows = bench_store(scratch, kb, size, context_tokens, repeats, datasets)
-    table = Table(title="read bandwidth (best of repeats)")
+    table = Table(title=f"read bandwidth, one thread (medians of {repeats} rounds; share: of the per-round ratios)")
     for col in ("tier", "GB/s", "reference", "GB/s", "share"):
         table.add_column(col, justify="right")
     for r in rows:

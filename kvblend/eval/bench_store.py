@@ -1,27 +1,38 @@
 """Store benchmark: tier read bandwidth against plain reads of the same bytes, and blend TTFT with
 chunks resident on disk vs in CPU memory, with and without layer-wise pipelining.
 
-- disk tier vs `dd` of a file of the same size, cold (pages dropped with posix_fadvise DONTNEED)
-  and warm; the tier's figure includes checksum verification and landing the bytes in tensors.
-- CPU tier vs torch memcpy: fetching every layer of every object into a destination buffer (what
-  the executor does with a cached layer) against one `copy_` of the same bytes.
-- TTFT: one model, conditions interleaved per repeat (the machine's speed drifts); disk-resident
-  runs use a disk-only store (no promotion) with its pages dropped before every request.
+Both sides of a bandwidth comparison move the same bytes in the same number of reads or copies, on
+one thread, alternating within every round (the machine's speed drifts); the share is the median of
+the per-round ratios.
+- disk tier vs `dd` of the same object files in the tier's read size, timed by dd itself (its
+  process start-up is not counted against it), cold (pages dropped with posix_fadvise DONTNEED)
+  and warm. The tier's figure includes checksum verification and landing the bytes in the chunk's
+  tensors, where dd reuses one buffer that stays in the CPU cache: a third row splits that gap,
+  against the tier's own reads into a buffer per object without any check.
+- CPU tier vs torch copy_: fetching every layer of every object into a destination buffer (what the
+  executor does with a cached layer) against copy_ of the same pieces into the same buffer.
+- TTFT: one model, conditions interleaved per repeat; disk-resident runs use a disk-only store
+  (no promotion) with its pages dropped before every request.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from kvblend.config import StoreConfig
 from kvblend.store import ChunkKV, DiskStore, MemoryStore, open_store
+from kvblend.store.disk import READ_PIECE
+from kvblend.store.format import HEAD_READ
 
 # SmolLM2-135M's cache shape: 30 layers, 3 KV heads, head_dim 64 (fp32: 46 KiB per token)
 MODEL_SHAPE = (30, 3, 64)
@@ -30,13 +41,10 @@ MODEL_SHAPE = (30, 3, 64)
 @dataclass
 class BandwidthRow:
     what: str
-    gbps: float
+    gbps: float  # median over rounds
     reference: str
     reference_gbps: float
-
-    @property
-    def share(self) -> float:
-        return self.gbps / self.reference_gbps
+    share: float  # median over rounds of tier / reference, each pair measured side by side
 
 
 @dataclass
@@ -68,18 +76,40 @@ def synthetic_chunks(total_bytes: int, tokens: int = 512, shape: tuple[int, int,
     return out
 
 
-def _timed(fn) -> float:
+def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def _dd(path: Path) -> None:
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M"], check=True, capture_output=True)
+def dd_seconds(path: Path, block: int) -> float:
+    """dd's own timing of a sequential read of `path` in `block`-byte reads."""
+    done = subprocess.run(["dd", f"if={path}", "of=/dev/null", f"bs={block}"], check=True, capture_output=True,
+                          text=True, env={**os.environ, "LC_ALL": "C"})
+    found = re.search(r"copied, ([0-9.e+-]+) s", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no timing in dd's report: {done.stderr.strip()!r}")
+    return float(found.group(1))
+
+
+def compare(what: str, tier: Callable[[], float], reference: str, plain: Callable[[], float], nbytes: int,
+            repeats: int) -> BandwidthRow:
+    """Time tier and plain (each returns its seconds) side by side, alternating which goes first.
+
+    A first round is dropped: it warms both paths (and pages re-read for the first time cost more).
+    """
+    tier(), plain()
+    pairs = []
+    for i in range(repeats):
+        first, second = (tier, plain) if i % 2 == 0 else (plain, tier)
+        a, b = first(), second()
+        pairs.append((a, b) if i % 2 == 0 else (b, a))
+    return BandwidthRow(what, nbytes / statistics.median(t for t, _ in pairs) / 1e9, reference,
+                        nbytes / statistics.median(p for _, p in pairs) / 1e9, statistics.median(p / t for t, p in pairs))
 
 
 def bandwidth(directory: Path, total_bytes: int = 256 * 2**20, repeats: int = 3) -> list[BandwidthRow]:
-    """Disk tier vs dd (cold, warm) and CPU tier vs memcpy; best of `repeats` for each.
+    """Disk tier vs dd (cold, warm) and CPU tier vs copy_, one round of each pair per repeat.
 
     Runs with one torch thread: on a shared machine, small multi-threaded copies measure the
     thread pool's wake-ups, not the memory.
@@ -95,40 +125,61 @@ def bandwidth(directory: Path, total_bytes: int = 256 * 2**20, repeats: int = 3)
 def _bandwidth(directory: Path, total_bytes: int, repeats: int) -> list[BandwidthRow]:
     shutil.rmtree(directory, ignore_errors=True)
     chunks = synthetic_chunks(total_bytes)
-    disk = DiskStore(directory / "tier")
+    try:
+        return [*_disk_rows(DiskStore(directory / "tier"), chunks, repeats), _memory_row(chunks, repeats)]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _disk_rows(disk: DiskStore, chunks: list[ChunkKV], repeats: int) -> list[BandwidthRow]:
     for kv in chunks:
         disk.put(kv.key, kv)
     files = [disk.path(kv.key) for kv in chunks]
     nbytes = sum(f.stat().st_size for f in files)
-    plain = directory / "plain.bin"
-    with open(plain, "wb") as f:
-        for path in files:
-            f.write(path.read_bytes())
+    header = disk.get(chunks[0].key).header  # every object has the same shape
+    layers_nbytes = header.num_layers * header.layer_nbytes
 
-    def read_tier() -> None:
+    def read_tier(cold: bool) -> float:
+        if cold:
+            drop_cache(files)
+        t0 = time.perf_counter()
         for kv in chunks:
             lazy = disk.get(kv.key)
             lazy.load_through(lazy.num_layers - 1)
-            assert not lazy.failed
+            if lazy.failed:
+                raise RuntimeError(f"object {kv.key} failed to load")
+        return time.perf_counter() - t0
 
-    def best(fn, cold: list[Path] | None) -> float:
-        times = []
-        for _ in range(repeats):
-            if cold:
-                drop_cache(cold)
-            times.append(_timed(fn))
-        return nbytes / min(times) / 1e9
+    def read_dd(cold: bool) -> float:
+        if cold:
+            drop_cache(files)
+        return sum(dd_seconds(f, READ_PIECE) for f in files)
 
-    rows = [
-        BandwidthRow("disk tier, cold", best(read_tier, files), "dd, cold", best(lambda: _dd(plain), [plain])),
-        BandwidthRow("disk tier, warm", best(read_tier, None), "dd, warm", best(lambda: _dd(plain), None)),
-    ]
+    def read_plain() -> float:
+        """The tier's reads (header, then each layer's pieces into one buffer per object) without any check."""
+        t0 = time.perf_counter()
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.pread(fd, HEAD_READ, 0)
+            out = memoryview(torch.empty(layers_nbytes, dtype=torch.uint8).numpy())
+            for start in range(0, layers_nbytes, READ_PIECE):
+                os.preadv(fd, [out[start : start + READ_PIECE]], header.data_offset + start)
+            os.close(fd)
+            del out  # one buffer alive at a time, as in read_tier
+        return time.perf_counter() - t0
+
+    rows = [compare(f"disk tier, {state}", partial(read_tier, cold), f"dd, {state}", partial(read_dd, cold), nbytes, repeats)
+            for state, cold in (("cold", True), ("warm", False))]
+    rows.append(compare("disk tier, warm", partial(read_tier, False), "preadv into memory, warm", read_plain, nbytes, repeats))
+    return rows
+
+
+def _memory_row(chunks: list[ChunkKV], repeats: int) -> BandwidthRow:
     memory = MemoryStore()
     for kv in chunks:
         memory.put(kv.key, kv)
-    dest = torch.empty(MODEL_SHAPE[1:2] + (512, MODEL_SHAPE[2]))
-    src_flat = torch.cat([torch.stack([kv.keys, kv.values]).reshape(-1) for kv in chunks])
-    dst_flat = torch.empty_like(src_flat)
+    dest = torch.empty(chunks[0].layer_shape)
+    pieces = [t for kv in chunks for i in range(kv.num_layers) for t in kv.layer(i)]
 
     def read_memory() -> None:
         for kv in chunks:
@@ -138,12 +189,12 @@ def _bandwidth(directory: Path, total_bytes: int, repeats: int) -> list[Bandwidt
                 dest.copy_(k)
                 dest.copy_(v)
 
-    mem_bytes = src_flat.nbytes
-    tier = mem_bytes / min(_timed(read_memory) for _ in range(repeats)) / 1e9
-    copy = mem_bytes / min(_timed(lambda: dst_flat.copy_(src_flat)) for _ in range(repeats)) / 1e9
-    rows.append(BandwidthRow("cpu tier", tier, "torch memcpy", copy))
-    shutil.rmtree(directory, ignore_errors=True)
-    return rows
+    def copy_pieces() -> None:
+        for piece in pieces:
+            dest.copy_(piece)
+
+    return compare("cpu tier", partial(_timed, read_memory), "torch copy_", partial(_timed, copy_pieces),
+                   sum(p.nbytes for p in pieces), repeats)
 
 
 def ttft(kb, directory: Path, context_tokens: int = 4096, chunk_tokens: int = 512, repeats: int = 3,
