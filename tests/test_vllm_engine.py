@@ -1,6 +1,6 @@
 """vLLM engine on a tiny random model (fp32, CPU): the connector hands vLLM exactly the blend's KV.
 
-One `LLM` for the whole module (start-up ~20-40 s). Skipped where vLLM is not installed.
+One `LLM` for the whole module, eager (no torch.compile at start-up). Skipped where vLLM is not installed.
 """
 import os
 
@@ -8,8 +8,6 @@ import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{min(2, os.cpu_count() or 1) - 1}")
 
 from tiny import make_tiny_model  # noqa: E402
 
@@ -47,7 +45,7 @@ def engine(tmp_path_factory):
     kb.precompute(CHUNKS)
     handoff = tmp_path_factory.mktemp("handoff")
     with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, handoff_dir=str(handoff),
-                    save_dir=str(tmp_path_factory.mktemp("saved"))) as eng:
+                    save_dir=str(tmp_path_factory.mktemp("saved")), enforce_eager=True) as eng:
         yield eng
 
 
