@@ -30,6 +30,8 @@ class RequestStats:
     tokens_recomputed: int = 0
     chunk_hits: int = 0
     chunk_misses: int = 0
+    # share of cached tokens recomputed (0 for reuse, None for full); chosen per request when "auto"
+    recompute_ratio: float | None = None
     ttft_s: float = 0.0
     decode_s: float = 0.0
     stages_s: dict[str, float] = field(default_factory=dict)
@@ -175,6 +177,7 @@ class KVBlend:
                 config = choose_recompute_ratio(self.store, config or self.config.blend, sources, ids.numel(), self.adapter)
             stats.stages_s["lookup"] = time.perf_counter() - t0
             cfg = REUSE if method == "reuse" else (config or self.config.blend)
+            stats.recompute_ratio = cfg.recompute_ratio
             out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile)
             cache, logits = to_dynamic_cache(self.model.config, out.keys, out.values), out.logits
             stats.tokens_cached = sum(s.kv.num_tokens for s in spans)

@@ -160,8 +160,14 @@ def test_controller_picks_ratio_from_measured_load_and_prefill(tiny_models, tmp_
     expected = min(1.0, max(0.1, lazy.nbytes / lazy.stats.bandwidth() / prefill_s))
     assert ratio == pytest.approx(expected) and ratio > 0.1
     assert controller.summary()["last"]["ratio"] == ratio
-    pre = kb.prefill(["A chunk long enough to take some time to read back from the disk tier. " * 4], "Why?", config=cfg)
+    chunks = ["A chunk long enough to take some time to read back from the disk tier. " * 4]
+    pre = kb.prefill(chunks, "Why?", config=cfg)
     assert pre.stats.chunk_hits == 1 and kb.store.stats()["controller"]["choices"] == 1
+    chosen = kb.store.controller.history[-1].ratio
+    assert pre.stats.recompute_ratio == chosen > kb.store.controller.min_ratio  # the request reports its choice
+    assert pre.stats.as_dict()["recompute_ratio"] == chosen
+    assert kb.prefill(chunks, "Why?", "reuse").stats.recompute_ratio == 0.0
+    assert kb.prefill(chunks, "Why?", "full").stats.recompute_ratio is None
 
 
 def test_memory_store_on_its_own_still_works():
