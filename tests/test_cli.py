@@ -2,9 +2,12 @@
 import json
 
 import pytest
+import typer.main
 from typer.testing import CliRunner
 
 from kvblend.cli import app
+from kvblend.cli.common import store_config
+from kvblend.store import DiskStore
 
 runner = CliRunner()
 CHUNKS = ["The lighthouse keeper's cat is called Biscuit.", "Biscuit sleeps on the third stair every afternoon."]
@@ -26,6 +29,32 @@ def test_generate_streams_an_answer_and_writes_stats(tiny_models, chunks_file, t
     assert len(data["token_ids"]) == 5
     assert data["stats"]["chunk_hits"] == 2 and data["stats"]["tokens_recomputed"] > 0
     assert any((tmp_path / "store").rglob("*"))
+
+
+def test_codec_option_sets_the_store_codec(tiny_models, chunks_file, tmp_path):
+    store = tmp_path / "store"
+    res = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["llama"]),
+                              "--max-new-tokens", "2", "--store", str(store), "--codec", "int8"])
+    assert res.exit_code == 0, res.output
+    disk = DiskStore(store)
+    assert len(disk.entries()) == 2 and {disk.header(e).codec for e in disk.entries()} == {"int8"}
+    bad = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["llama"]), "--codec", "zstd"])
+    message = " ".join(bad.output.replace("│", " ").split())  # rich's error panel, unwrapped
+    assert bad.exit_code == 2 and "unknown codec 'zstd'; choose one of raw, fp8, int8" in message
+    spec = tmp_path / "store.yaml"
+    spec.write_text(f"store:\n  disk_dir: {store}\n  codec: fp8\n")
+    assert store_config(str(spec), None).codec == "fp8" and store_config(str(spec), "raw").codec == "raw"
+
+
+def test_every_command_taking_a_store_takes_a_codec():
+    def commands(group, path=()):
+        for name, cmd in group.commands.items():
+            yield from commands(cmd, (*path, name)) if hasattr(cmd, "commands") else [((*path, name), cmd)]
+
+    options = {path: {opt for p in cmd.params for opt in p.opts} for path, cmd in commands(typer.main.get_command(app))}
+    with_store = {path for path, opts in options.items() if "--store" in opts}
+    assert {("generate",), ("eval",), ("serve",), ("demo",), ("precompute",), ("ask",)} <= with_store
+    assert all("--codec" in options[path] for path in with_store)
 
 
 def test_generate_rejects_a_bad_file(tiny_models, tmp_path):

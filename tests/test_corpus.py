@@ -122,7 +122,9 @@ def test_dry_run_prints_the_store_size_and_encodes_nothing(tiny_models, corpus, 
     store = tmp_path / "store"
     res = precompute(corpus, store, tiny_models["llama"], "--dry-run")
     assert res.exit_code == 0, res.output
-    assert "1,024 B/token" in text(res)  # 2 · 4 layers · 2 kv heads · 16 head dims · 4 bytes
+    assert "1,024 B/token (float32, raw)" in text(res)  # 2 · 4 layers · 2 kv heads · 16 head dims · 4 bytes
+    res = precompute(corpus, store, tiny_models["llama"], "--dry-run", "--codec", "int8")
+    assert "320 B/token (float32, int8)" in text(res)  # 4 layers · 2 · 2 kv heads · (16 one-byte codes + a 4-byte scale)
     assert not store.exists()
 
 

@@ -1,10 +1,13 @@
 """Options shared by commands, and building a KVBlend from them."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from kvblend.config import StoreConfig
 
 console = Console(stderr=True)
 
@@ -17,14 +20,37 @@ RatioOpt = Annotated[float, typer.Option("--recompute-ratio", "-r", min=0.0, max
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads")]
 
 
-def make_kvblend(model: str, store: str | None, device: str, dtype: str, engine: str = "hf", threads: int | None = None, **blend):
+def known_codec(value: str | None) -> str | None:
+    """Reject an unknown --codec while parsing, naming the codecs there are."""
+    from kvblend.store.codecs import CODECS
+
+    if value is not None and value not in CODECS:
+        raise typer.BadParameter(f"unknown codec {value!r}; choose one of {', '.join(CODECS)}")
+    return value
+
+
+CodecOpt = Annotated[Optional[str], typer.Option("--codec", callback=known_codec, help=(
+    "KV codec of the store: raw, fp8 or int8 (default: the store config's, else raw; stored objects keep theirs)"))]
+
+
+def store_config(store: str | StoreConfig | None, codec: str | None) -> StoreConfig:
+    """The --store spec (directory, redis:// URL, YAML file) with --codec, when given, over its codec."""
+    from kvblend.config import StoreConfig
+
+    config = StoreConfig.from_spec(store)
+    return config if codec is None else StoreConfig.model_validate(config.model_dump() | {"codec": codec})
+
+
+def make_kvblend(model: str, store: str | StoreConfig | None, device: str, dtype: str, engine: str = "hf",
+                 threads: int | None = None, codec: str | None = None, **blend):
     """Build a KVBlend from CLI options; errors become a clean exit with the message."""
     from kvblend import BlendConfig, KVBlend, KVBlendConfig
 
     if engine not in ("hf", "vllm"):
         raise typer.BadParameter(f"unknown engine {engine!r} (available: hf, vllm)", param_hint="--engine")
     try:
-        cfg = KVBlendConfig(model=model, store=store, device=device, dtype=dtype, threads=threads, blend=BlendConfig(**blend))
+        cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
+                            blend=BlendConfig(**blend))
         with console.status(f"loading {model}"):
             return KVBlend(config=cfg, engine=engine)
     except (ValueError, FileNotFoundError, OSError, ImportError) as exc:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kvblend.cli import app
-from kvblend.cli.common import DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend
+from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend, store_config
 
 StoreSpecOpt = Annotated[str, typer.Option("--store", help="KV store: a directory, or a YAML store config / redis:// URL with --corpus")]
 CorpusOpt = Annotated[Optional[Path], typer.Option("--corpus", file_okay=False, help="manifest and index folder (default: STORE_DIR/corpus)")]
@@ -51,6 +51,7 @@ def _token_progress() -> Progress:
 def precompute(
     paths: Annotated[list[Path], typer.Argument(help="files or folders: .txt/.md, .jsonl (one record a line), .pdf")],
     store: StoreSpecOpt,
+    codec: CodecOpt = None,
     text_field: Annotated[str, typer.Option("--text-field", help="JSONL field holding the text")] = "text",
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=1, help="max model tokens per chunk")] = 512,
     index: Annotated[bool, typer.Option("--index/--no-index", help="build a faiss index over chunk embeddings")] = True,
@@ -71,19 +72,23 @@ def precompute(
         console.print(f"[yellow]skipped[/yellow] {problem}")
     if not read.documents:
         raise _fail("no readable text in the given paths; nothing to precompute")
+    try:
+        spec = store_config(store, codec)
+    except ValueError as exc:
+        raise _fail(exc)
     if dry_run:
         tokenizer, config = _load_tokenizer_and_config(model)
     else:
-        kb = make_kvblend(model, store, device, dtype, threads=threads)
+        kb = make_kvblend(model, spec, device, dtype, threads=threads)
         tokenizer, config = kb.tokenizer, kb.model.config
     try:
         planned = plan_chunks(read.documents, ChunkSplitter(tokenizer, chunk_tokens), tokenizer)
     except ValueError as exc:
         raise _fail(exc)
     total_tokens = sum(p.tokens for p in planned)
-    per_token = kv_bytes_per_token(config, dtype)
+    per_token = kv_bytes_per_token(config, dtype, spec.codec)
     console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
-                  f"KV {per_token:,} B/token ({dtype}) → store needs {decimal(per_token * total_tokens)}")
+                  f"KV {per_token:,} B/token ({dtype}, {spec.codec}) → store needs {decimal(per_token * total_tokens)}")
     if dry_run:
         return
 
@@ -140,6 +145,7 @@ def _index(records: list, embedder: str | None, folder) -> None:
 def ask(
     question: Annotated[str, typer.Argument(help="the question")],
     store: StoreSpecOpt,
+    codec: CodecOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="chunks retrieved and blended")] = 6,
     method: Annotated[str, typer.Option(help="blend, full or reuse")] = "blend",
     recompute_ratio: RatioOpt = 0.15,
@@ -163,7 +169,7 @@ def ask(
         hits = chunk_index.search(emb, question, top_k)
     except (CorpusError, ValueError, OSError) as exc:
         raise _fail(exc)
-    kb = make_kvblend(model, store, device, dtype, engine, threads, recompute_ratio=recompute_ratio)
+    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio)
     try:
         folder.check_model(model, kb.adapter.fingerprint)
     except CorpusError as exc:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from kvblend.cli import app
-from kvblend.cli.common import DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend
+from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend
 from kvblend.config import kvblend_home
 
 
@@ -18,6 +18,7 @@ def demo(
     recompute_ratio: RatioOpt = 0.15,
     max_new_tokens: int = typer.Option(24, min=1),
     store: Optional[str] = typer.Option(None, help="store directory (default: $KVBLEND_HOME/stores/demo)"),
+    codec: CodecOpt = None,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -27,7 +28,7 @@ def demo(
     sample = json.loads(resources.files("kvblend").joinpath("data/sample.json").read_text())
     chunks, question = [sample[str(i)] for i in range(sample["chunk_num"])], sample["query"]
     store = store or str(kvblend_home() / "stores" / "demo")
-    kb = make_kvblend(model, store, device, dtype, threads=threads, recompute_ratio=recompute_ratio)
+    kb = make_kvblend(model, store, device, dtype, threads=threads, codec=codec, recompute_ratio=recompute_ratio)
     with console.status(f"precomputing {len(chunks)} chunks into {store}"):
         kb.precompute(chunks)
         for method in ("full", "blend"):  # warm-up: first calls pay one-off allocation costs

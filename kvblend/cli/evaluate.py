@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kvblend.cli import app
-from kvblend.cli.common import DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend
+from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend
 
 
 @app.command("eval")
@@ -26,6 +26,7 @@ def eval_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
     model: ModelOpt = "smollm2-135m",
     store: StoreOpt = None,
+    codec: CodecOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     engine: EngineOpt = "hf",
@@ -41,7 +42,7 @@ def eval_command(
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    kb = make_kvblend(model, store, device, dtype, engine, threads, recompute_ratio=recompute_ratio)
+    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio)
     try:
         specs = parse_methods(methods, kb.config.blend)
     except ValueError as exc:

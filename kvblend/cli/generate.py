@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvblend.cli import app
-from kvblend.cli.common import DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend
+from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend
 from kvblend.eval.datasets import load_chunks_file
 
 
@@ -24,6 +24,7 @@ def generate(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the answer and stats here")] = None,
     model: ModelOpt = "smollm2-135m",
     store: StoreOpt = None,
+    codec: CodecOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     engine: EngineOpt = "hf",
@@ -39,7 +40,7 @@ def generate(
     if not question:
         console.print("[red]error:[/red] no --question given and the file has no 'query'")
         raise typer.Exit(2)
-    kb = make_kvblend(model, store, device, dtype, engine, threads, recompute_ratio=recompute_ratio)
+    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio)
     if precompute:
         with console.status("precomputing chunk caches"):
             kb.precompute(record.chunks)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvblend.cli import app
-from kvblend.cli.common import DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console
+from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, store_config
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -17,6 +17,7 @@ def serve(
     ctx: typer.Context,
     model: ModelOpt = "smollm2-135m",
     store: StoreOpt = None,
+    codec: CodecOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     recompute_ratio: RatioOpt = 0.15,
@@ -39,7 +40,7 @@ def serve(
     from kvblend.models import resolve_model
 
     try:
-        cfg = KVBlendConfig(model=model, store=store, device=device, dtype=dtype, threads=threads,
+        cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
                             blend=BlendConfig(recompute_ratio=recompute_ratio))
         folder = resolve_model(model)
         cache_bytes = int(parse_bytes(kv_cache_bytes))

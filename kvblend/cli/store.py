@@ -11,7 +11,7 @@ from rich.table import Table
 
 from kvblend.cli import app
 from kvblend.cli.bench import bench_app
-from kvblend.cli.common import ModelOpt, ThreadsOpt, console, make_kvblend
+from kvblend.cli.common import ModelOpt, ThreadsOpt, console, known_codec, make_kvblend
 
 store_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and trim KV stores.")
 app.add_typer(store_app, name="store")
@@ -123,12 +123,8 @@ def list_objects(directory: DirArg, limit: Annotated[Optional[int], typer.Option
 
 
 @store_app.command()
-def recode(directory: DirArg, codec: Annotated[str, typer.Option("--codec", help="raw, fp8 or int8")]):
+def recode(directory: DirArg, codec: Annotated[str, typer.Option("--codec", callback=known_codec, help="raw, fp8 or int8")]):
     """Rewrite every object in CODEC (quantizing is lossy: recoding back to raw does not restore the values)."""
-    from kvblend.store.codecs import CODECS
-
-    if codec not in CODECS:
-        raise typer.BadParameter(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}", param_hint="--codec")
     from kvblend.store.format import CorruptObject
 
     disk = _disk(directory)

@@ -7,16 +7,17 @@ from dataclasses import dataclass
 from kvblend.corpus.manifest import ChunkRecord, Manifest
 from kvblend.corpus.reader import Document
 from kvblend.corpus.splitter import Chunk, ChunkSplitter
+from kvblend.store.codecs import get_codec
+from kvblend.store.format import DTYPES
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-
-def kv_bytes_per_token(config, dtype: str) -> int:
-    """2 (K and V) · layers · kv_heads · head_dim · dtype bytes, from a Hugging Face model config."""
+def kv_bytes_per_token(config, dtype: str, codec: str = "raw") -> int:
+    """Stored KV bytes per token, from a Hugging Face model config: raw is 2 (K and V) · layers ·
+    kv_heads · head_dim · dtype bytes; fp8 / int8 take a byte a value plus per-token scales."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return config.num_hidden_layers * get_codec(codec).layer_nbytes((kv_heads, 1, head_dim), DTYPES[dtype])
 
 
 @dataclass
