@@ -95,7 +95,7 @@ class KVBlend:
         self.builder = PromptBuilder(self.tokenizer)
         self.store: KVStore = store if store is not None and not isinstance(store, str) else open_store(self.config.store)
         self.executor = BlendExecutor(self.adapter, self.config.blend)
-        self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.tokenizer)
+        self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.tokenizer, self.builder.encode(self.builder.head))
         self.stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])

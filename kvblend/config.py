@@ -38,7 +38,7 @@ class BlendConfig(BaseModel):
     selection: Literal["deviation", "query", "random"] = "deviation"
     query_weight: float = Field(1.0, ge=0.0, description="mix of the query-attention score, for selection='query'")
     sink_tokens: int = Field(0, ge=0, description="leading tokens of each cached chunk always recomputed")
-    chunk_context: Literal["bos", "none"] | list[int] = "bos"
+    chunk_context: Literal["bos", "head", "none"] | list[int] = "bos"
     attention_block: int = Field(128, ge=1, description="selected queries per attention block")
     backend: Literal["auto", "torch", "triton"] = "auto"
     seed: int = 0

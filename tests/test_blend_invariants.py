@@ -118,3 +118,18 @@ def test_blend_sits_between_reuse_and_full(kb):
           for r in (0.3, 0.7)}
     kl_reuse = float(kl_divergence(full, kb.prefill(CHUNKS, QUESTION, "reuse").logits))
     assert kl[0.7] < kl_reuse and kl[0.3] < kl_reuse
+
+
+def test_head_context_makes_the_first_chunk_exact(tiny_models):
+    """chunk_context="head": a chunk encoded after the prompt's template head is, when it stands
+    first, exactly the full prefill's KV, so reusing a lone chunk is a full prefill."""
+    kb = KVBlend(model=str(tiny_models["llama"]), config=BlendConfig(chunk_context="head"))
+    head = kb.builder.encode(kb.builder.head)
+    assert len(head) > 1 and kb.context_ids == head
+    kb.precompute(CHUNKS[:1])
+    full = kb.prefill(CHUNKS[:1], QUESTION, "full")
+    reuse = kb.prefill(CHUNKS[:1], QUESTION, "reuse")
+    assert reuse.stats.chunk_hits == 1 and reuse.stats.tokens_recomputed == 0
+    torch.testing.assert_close(reuse.logits, full.logits, atol=1e-4, rtol=0)
+    bos = KVBlend(model=str(tiny_models["llama"]))
+    assert bos.key_for([5, 6]) != kb.key_for([5, 6])  # another context is another cache

@@ -76,9 +76,12 @@ def test_eval_writes_the_documented_json(tiny_models, tmp_path):
     ds.write_text(json.dumps(data))
     out = tmp_path / "eval.json"
     res = runner.invoke(app, ["eval", str(ds), "--model", str(tiny_models["qwen3"]), "--limit", "2", "--top-k", "2",
-                              "--max-new-tokens", "4", "--methods", "full,reuse,blend,blend[selection=query]", "--json", str(out)])
+                              "--max-new-tokens", "4", "--methods", "full,reuse,blend,blend[selection=query]", "--json", str(out),
+                              "--chunk-context", "head"])
     assert res.exit_code == 0, res.output
-    methods = json.loads(out.read_text())["methods"]
+    report = json.loads(out.read_text())
+    assert report["config"]["kvblend"]["blend"]["chunk_context"] == "head"
+    methods = report["methods"]
     assert list(methods) == ["full", "reuse", "blend", "blend[selection=query]"]
     keys = {"f1", "first_token_agree", "token_agree", "kl_first", "kl_tf", "ttft_median_s", "speedup_vs_full"}
     for m in methods.values():
@@ -91,6 +94,9 @@ def test_eval_rejects_an_unknown_method(tiny_models, datasets):
     res = runner.invoke(app, ["eval", str(datasets / "cacheblend_examples" / "1.json"), "--model", str(tiny_models["llama"]),
                               "--methods", "full,magic"])
     assert res.exit_code != 0 and "unknown method 'magic'" in res.output
+    res = runner.invoke(app, ["eval", str(datasets / "cacheblend_examples" / "1.json"), "--model", str(tiny_models["llama"]),
+                              "--chunk-context", "eos"])
+    assert res.exit_code == 2 and "chunk_context" in res.output
 
 
 def test_bench_reports_every_method_and_plots(tiny_models, tmp_path, datasets):

@@ -21,12 +21,19 @@ def chunk_key(fingerprint: str, context_ids: list[int], token_ids: list[int], dt
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def resolve_chunk_context(spec: str | list[int], tokenizer) -> list[int]:
-    """'bos' → [BOS] when the tokenizer has one, 'none' → [], a list → itself."""
+def resolve_chunk_context(spec: str | list[int], tokenizer, head_ids: list[int]) -> list[int]:
+    """'bos' → [BOS] when the tokenizer has one, 'head' → the prompt's template head (`head_ids`),
+    'none' → [], a list → itself.
+
+    'head' encodes every chunk as if it stood first in a prompt: the first chunk of a prompt then
+    reuses exactly its full-prefill KV, and the others at least see the real sink and system text.
+    """
     if isinstance(spec, list):
         return list(spec)
     if spec == "none":
         return []
+    if spec == "head" and head_ids:
+        return list(head_ids)
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
