@@ -27,6 +27,8 @@ class BlendConfig(BaseModel):
     `check_ratios` (one per check layer, non-increasing, ending at `recompute_ratio`) enables
     gradual filtering. `selection` picks the ranking: CacheBlend's KV deviation, deviation
     weighted by the attention the question pays each token (`"query"`), or random (an ablation).
+    `chunk_context` is what each chunk is encoded after (not stored): the model's BOS, nothing,
+    or `"head"`, the prompt's template head, which measured lower KL vs full prefill (README).
     """
 
     model_config = {"extra": "forbid"}

@@ -131,5 +131,5 @@ def test_head_context_makes_the_first_chunk_exact(tiny_models):
     reuse = kb.prefill(CHUNKS[:1], QUESTION, "reuse")
     assert reuse.stats.chunk_hits == 1 and reuse.stats.tokens_recomputed == 0
     torch.testing.assert_close(reuse.logits, full.logits, atol=1e-4, rtol=0)
-    bos = KVBlend(model=str(tiny_models["llama"]))
+    bos = KVBlend(model=str(tiny_models["llama"]), config=BlendConfig(chunk_context="bos"))
     assert bos.key_for([5, 6]) != kb.key_for([5, 6])  # another context is another cache

@@ -17,8 +17,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="decoding engine: hf (transformers) or vllm (pip install 'kvblend[vllm]')")]
 RatioOpt = Annotated[float, typer.Option("--recompute-ratio", "-r", min=0.0, max=1.0, help="share of cached tokens recomputed")]
-ChunkContextOpt = Annotated[str, typer.Option("--chunk-context", help=(
-    "what each chunk is encoded after (not stored): bos, head (the prompt's template head) or none"))]
+ChunkContextOpt = Annotated[Optional[str], typer.Option("--chunk-context", help=(
+    "what each chunk is encoded after (not stored): bos (default), head (the prompt's template head) or none"))]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads")]
 
 
