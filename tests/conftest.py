@@ -3,6 +3,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import kvblend  # noqa: F401  (before torch: it sets GOMP_SPINCOUNT, which libgomp reads when torch loads it)
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
