@@ -19,6 +19,34 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`rotate` (halves layout) written straight into `out`, with no temporaries: a chunk's
+    contiguous rows go from the store into the fused buffer in three passes."""
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def rope_realign_span(
+    keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: int,
+    out: torch.Tensor,
+    interleaved: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Rotate keys [KV, L, D] to the contiguous positions start..start+L-1 of `out`."""
+    end = start + keys.shape[1]
+    if interleaved or keys.dtype != out.dtype or use_triton(backend, keys, cos, sin):
+        positions = torch.arange(start, end, device=keys.device)
+        return rope_realign(keys, cos, sin, positions, out=out, interleaved=interleaved, backend=backend)
+    rotate_into(keys, cos[start:end], sin[start:end], out[:, start:end])
+    return out
+
+
 def rope_realign_torch(keys, cos, sin, positions, out=None, interleaved=False):
     rotated = rotate(keys, cos.index_select(0, positions), sin.index_select(0, positions), interleaved)
     if out is None:

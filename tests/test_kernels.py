@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvblend.kernels import kv_deviation, plan_attention, rope_realign, scatter_rows, scatter_rows_paged, selected_attention  # noqa: E402
+from kvblend.kernels import kv_deviation, plan_attention, rope_realign, rope_realign_span, scatter_rows, scatter_rows_paged, selected_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -86,6 +86,20 @@ def test_rope_realign_rotates_a_chunk_into_a_bigger_cache_dtype():
     positions = torch.arange(40, 73, device=DEVICE)
     out = {b: rope_realign(keys, cos, sin, positions, out=torch.zeros(2, 100, 64, device=DEVICE), backend=b) for b in ("torch", "triton")}
     assert_close(out["triton"], out["torch"], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rope_realign_span_matches_the_gathered_realign(dtype, backend):
+    """The in-place span path (the executor's per-chunk realign) equals the position-gather path
+    and leaves every row outside the span untouched."""
+    keys = randn(3, 29, 64, dtype=dtype, seed=5)
+    cos, sin = rope_tables(100, 64, dtype)
+    before = randn(3, 100, 64, dtype=dtype, seed=6)
+    expected = rope_realign(keys, cos, sin, torch.arange(50, 79, device=DEVICE), out=before.clone(), backend="torch")
+    actual = rope_realign_span(keys, cos, sin, 50, out=before.clone(), backend=backend)
+    assert_close(actual, expected, dtype)
+    assert torch.equal(actual[:, :50], before[:, :50]) and torch.equal(actual[:, 79:], before[:, 79:])
 
 
 # kv_heads, tokens, head_dim

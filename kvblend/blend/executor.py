@@ -20,7 +20,7 @@ import torch
 
 from kvblend.blend.selection import budget, keep_top, query_attention, rank_scores
 from kvblend.config import BlendConfig
-from kvblend.kernels import kv_deviation, plan_attention, rope_realign, rotate, scatter_rows, selected_attention
+from kvblend.kernels import kv_deviation, plan_attention, rope_realign, rope_realign_span, rotate, scatter_rows, selected_attention
 from kvblend.models.adapter import LayerwiseModel
 
 
@@ -133,7 +133,7 @@ class BlendExecutor:
         active = positions  # positions whose hidden states are carried
         if not checks and cfg.recompute_ratio == 0.0:
             active = positions[~is_cached]
-        plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block)
+        plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block, m.dtype)
         h = m.embed(ids.to(dev))[active]
         keys_out, values_out = [], []
         for i in range(m.num_layers):
@@ -157,12 +157,12 @@ class BlendExecutor:
             values_out.append(values)
             if keep is not None:
                 q, h, active = q[:, keep], h[keep], active[keep]
-                plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block)
+                plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block, m.dtype)
             if i == m.num_layers - 1:
                 active_before_last = active
                 h = h[-1:]  # only the last prompt token's output is needed
                 q = q[:, -1:]
-                plan = plan_attention(active[-1:], n, m.num_heads // m.num_kv_heads, cfg.attention_block)
+                plan = plan_attention(active[-1:], n, m.num_heads // m.num_kv_heads, cfg.attention_block, m.dtype)
             with watch("attention"):
                 q_rot = rotate(q, cos.index_select(0, plan.q_pos), sin.index_select(0, plan.q_pos))
                 attn = selected_attention(q_rot, keys, values, plan, m.scaling, backend=cfg.backend)
@@ -183,7 +183,7 @@ class BlendExecutor:
                 ck = ck.to(keys.device, keys.dtype, non_blocking=True)
                 cv = cv.to(keys.device, keys.dtype, non_blocking=True)
             with watch("realign"):
-                rope_realign(ck, cos, sin, torch.arange(s.start, s.end, device=keys.device), out=keys, backend=backend)
+                rope_realign_span(ck, cos, sin, s.start, out=keys, backend=backend)
                 values[:, s.start : s.end] = cv
         return keys, values
 
