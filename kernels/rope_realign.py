@@ -15,13 +15,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
         pairs = x.unflatten(-1, (half, 2))
         x0, x1 = pairs[..., 0], pairs[..., 1]
         return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos), device=x.device)
+    return rotate_into(x, cos, sin, out)
 
 
 def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`rotate` (halves layout) written straight into `out`, with no temporaries: a chunk's
-    contiguous rows go from the store into the fused buffer in three passes."""
+    """`rotate` (halves layout) written into `out` in three passes and no temporaries (the
+    textbook x·cos + rotate_half(x)·sin makes four); also how a chunk's contiguous rows go from
+    the store straight into the fused buffer."""
     half = x.shape[-1] // 2
     torch.mul(x, cos, out=out)
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)

@@ -133,7 +133,13 @@ class BlendExecutor:
         active = positions  # positions whose hidden states are carried
         if not checks and cfg.recompute_ratio == 0.0:
             active = positions[~is_cached]
-        plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block, m.dtype)
+        group = m.num_heads // m.num_kv_heads
+
+        def plan_for(at: torch.Tensor):
+            """Attention plan and the queries' rotary tables: built once per set of active positions."""
+            return plan_attention(at, n, group, cfg.attention_block, m.dtype), cos.index_select(0, at), sin.index_select(0, at)
+
+        plan, q_cos, q_sin = plan_for(active)
         h = m.embed(ids.to(dev))[active]
         keys_out, values_out = [], []
         for i in range(m.num_layers):
@@ -157,14 +163,14 @@ class BlendExecutor:
             values_out.append(values)
             if keep is not None:
                 q, h, active = q[:, keep], h[keep], active[keep]
-                plan = plan_attention(active, n, m.num_heads // m.num_kv_heads, cfg.attention_block, m.dtype)
+                plan, q_cos, q_sin = plan_for(active)
             if i == m.num_layers - 1:
                 active_before_last = active
                 h = h[-1:]  # only the last prompt token's output is needed
                 q = q[:, -1:]
-                plan = plan_attention(active[-1:], n, m.num_heads // m.num_kv_heads, cfg.attention_block, m.dtype)
+                plan, q_cos, q_sin = plan_for(active[-1:])
             with watch("attention"):
-                q_rot = rotate(q, cos.index_select(0, plan.q_pos), sin.index_select(0, plan.q_pos))
+                q_rot = rotate(q, q_cos, q_sin)
                 attn = selected_attention(q_rot, keys, values, plan, m.scaling, backend=cfg.backend)
             with watch("mlp"):
                 h = m.mlp(i, m.attn_out(i, h, attn))
