@@ -108,6 +108,8 @@ class StoreConfig(BaseModel):
     cpu_bytes: ByteSize = 4 * 2**30
     disk_dir: str | None = None
     disk_bytes: ByteSize | None = Field(None, description="disk tier cap; None: unbounded")
+    disk_mmap: bool = Field(True, description="read raw disk objects through a map of the file (no copy; a file "
+                            "truncated in place while mapped kills the reader, which kvblend's own writes never do)")
     remote_url: str | None = None
     codec: Literal["raw", "fp8", "int8"] = "raw"
     async_writes: bool = Field(True, description="write disk/remote tiers on a background thread")

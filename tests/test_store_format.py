@@ -114,11 +114,13 @@ def test_damaged_objects_are_counted_misses_and_verify_lists_exactly_them(tmp_pa
     assert res.exit_code == 0 and "2 objects" in res.output
 
 
-def test_layers_read_in_pieces_are_checked_whole(tmp_path, monkeypatch):
-    """Each piece is hashed as it lands, yet damage in any piece, or a file cut short after it was
-    opened (its size check passed), makes the chunk a recompute: never zeros, never stale bytes."""
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+def test_layers_are_checked_whole(tmp_path, monkeypatch, mapped):
+    """Read in pieces (each hashed as it lands) or mapped (hashed in place), damage anywhere in a
+    layer, or a file cut short after it was opened (its size check passed), makes the chunk a
+    recompute: never zeros, never stale bytes."""
     monkeypatch.setattr(disk_module, "READ_PIECE", 1000)  # 6 KiB layers: 7 pieces, the last one partial
-    disk = DiskStore(tmp_path)
+    disk = DiskStore(tmp_path, mmap=mapped)
     kvs = [make_kv(i) for i in range(3)]
     for kv in kvs:
         disk.put(kv.key, kv)
@@ -134,10 +136,31 @@ def test_layers_read_in_pieces_are_checked_whole(tmp_path, monkeypatch):
     for lazy, kv in ((damaged, kvs[1]), (cut, kvs[2])):
         lazy.recompute = lambda kv=kv: kv
         lazy.load_through(0)
-        assert not lazy.failed
+        # a read finds the cut at layer 1; a map sees the file's size before it exposes any byte
+        assert lazy.failed == (mapped and lazy is cut)
         assert torch.equal(lazy.layer(3)[0], kv.keys[3]) and lazy.failed
     assert disk.stats.corrupt == 2
-    assert disk.stats.bytes_read == header.layer_nbytes * (4 + 2 + 1)  # the sound layers only
+    assert disk.stats.bytes_read == header.layer_nbytes * (4 + 2 + (0 if mapped else 1))  # the sound layers only
+
+
+def test_mapped_reads_survive_replacement_and_hand_the_tiers_above_a_copy(tmp_path):
+    """A mapped chunk keeps the bytes it verified when its file is replaced or removed, and what
+    it passes up on completion is memory of its own, not the map."""
+    disk = DiskStore(tmp_path)
+    kv, other = make_kv(1), make_kv(2)
+    disk.put(kv.key, kv)
+    lazy = disk.get(kv.key)
+    lazy.load_through(1)
+    elsewhere = DiskStore(tmp_path / "elsewhere")
+    elsewhere.put(kv.key, other)
+    os.replace(elsewhere.path(kv.key), disk.path(kv.key))  # another writer renames its object over this one
+    handed = []
+    lazy.on_complete = lambda got, recomputed: handed.append(got)
+    assert torch.equal(lazy.materialize().keys, kv.keys) and not lazy.failed
+    disk.path(kv.key).unlink()
+    assert torch.equal(lazy.layer(2)[1], kv.values[2])
+    (got,) = handed
+    assert torch.equal(got.keys, kv.keys) and got.keys.untyped_storage().data_ptr() != lazy.materialize().keys.untyped_storage().data_ptr()
 
 
 def test_foreign_and_random_files_are_misses(tmp_path):

@@ -32,7 +32,7 @@ def open_store(spec: str | StoreConfig | None = None) -> TieredStore:
         memory.append(MemoryStore(cfg.cpu_bytes, pin=cuda, name="cpu"))
     serialized = []
     if cfg.disk_dir:
-        serialized.append(DiskStore(cfg.disk_dir, cfg.disk_bytes, cfg.codec, pin=cuda))
+        serialized.append(DiskStore(cfg.disk_dir, cfg.disk_bytes, cfg.codec, pin=cuda, mmap=cfg.disk_mmap))
     if cfg.remote_url:
         try:
             from kvblend.store.remote import RedisStore

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 
 class ObjectReader(Protocol):
-    """Positioned reads of one stored object (a file descriptor, a Redis key)."""
+    """Positioned reads of one stored object (a file descriptor, a Redis key). A reader whose
+    `can_map` is true also has `mapped(offset, nbytes) -> memoryview` and `will_need(offset,
+    nbytes)` (the disk tier's): raw objects are then served from a map of the file, not copies."""
 
     def read_into(self, offset: int, out: memoryview, landed: Callable[[memoryview], None]) -> None:
         """Fill `out` from `offset`, calling landed(piece) on each piece, in order, once it is in `out`."""
@@ -49,11 +51,18 @@ class LazyChunk:
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
         self._pin = pin
         self._data: torch.Tensor | None = None  # allocated on the first load: a lookup alone costs no memory
+        self._mapped = False
 
     def _allocate(self) -> None:
         n, lb, shape, dtype = self.num_layers, self.header.layer_nbytes, self.layer_shape, self.dtype
-        self._data = torch.empty(n * lb, dtype=torch.uint8, pin_memory=self._pin)
-        self._bytes = memoryview(self._data.numpy())  # layer reads slice this: no tensor op per layer
+        mapped = self.header.codec == "raw" and not self._pin and getattr(self._reader, "can_map", False)
+        if mapped:  # raw bytes straight from the page cache: the checksum pass is the whole read
+            self._bytes = self._reader.mapped(self.header.layer_offset(0), n * lb)
+            self._data = torch.frombuffer(self._bytes, dtype=torch.uint8)
+        else:
+            self._data = torch.empty(n * lb, dtype=torch.uint8, pin_memory=self._pin)
+            self._bytes = memoryview(self._data.numpy())  # layer reads slice this: no tensor op per layer
+        self._mapped = mapped
         if self.header.codec == "raw":  # the blobs are [K | V] per layer: keys and values are views of the bytes
             halves = self._data.view(n, 2, lb // 2)
             self._keys = halves[:, 0].view(dtype).view(n, *shape)
@@ -79,7 +88,12 @@ class LazyChunk:
         completed = False
         with self._lock:
             if self._data is None and self._failure is None:
-                self._allocate()
+                try:
+                    self._allocate()
+                except CorruptObject as exc:
+                    self._fail(str(exc), corrupt=True)
+                except OSError as exc:
+                    self._fail(f"object {self.key} in the {self.tier} tier: cannot map it ({exc})", corrupt=False)
             while self._loaded <= i and self._failure is None:
                 try:
                     self._load(self._loaded)
@@ -92,15 +106,20 @@ class LazyChunk:
                     completed = self._loaded == self.num_layers
             if completed or self._failure is not None:
                 self._release()
-        if completed and self.on_complete:
-            self.on_complete(ChunkKV(self.key, self.fingerprint, self._keys, self._values), False)
+        if completed and self.on_complete:  # tiers above keep memory of their own, not a map of a file
+            keys, values = (self._keys.clone(), self._values.clone()) if self._mapped else (self._keys, self._values)
+            self.on_complete(ChunkKV(self.key, self.fingerprint, keys, values), False)
 
     def _load(self, i: int) -> None:
         lb = self.header.layer_nbytes
         blob = self._bytes[i * lb : (i + 1) * lb]
         t0 = time.perf_counter()
         hasher = layer_hasher()
-        self._reader.read_into(self.header.layer_offset(i), blob, hasher.update)
+        if self._mapped:
+            self._reader.will_need(self.header.layer_offset(i), lb)
+            hasher.update(blob)
+        else:
+            self._reader.read_into(self.header.layer_offset(i), blob, hasher.update)
         self.header.verify_digest(i, hasher.intdigest())
         if self.header.codec != "raw":
             k, v = self._codec.decode(self._data[i * lb : (i + 1) * lb], self.layer_shape, self.dtype)
