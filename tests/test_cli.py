@@ -31,6 +31,18 @@ def test_generate_streams_an_answer_and_writes_stats(tiny_models, chunks_file, t
     assert any((tmp_path / "store").rglob("*"))
 
 
+def test_recompute_ratio_takes_a_share_or_auto(tiny_models, chunks_file, tmp_path):
+    out = tmp_path / "answer.json"
+    base = ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["llama"]), "--max-new-tokens", "2"]
+    res = runner.invoke(app, [*base, "--recompute-ratio", "auto", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    ratio = json.loads(out.read_text())["stats"]["recompute_ratio"]
+    assert 0.0 < ratio <= 1.0 and f"r {ratio:.2f}" in res.output  # the per-request choice, in the stats line
+    for bad, why in (("1.5", "1.5 is outside [0, 1]"), ("most", "'most' is neither a number nor 'auto'")):
+        res = runner.invoke(app, [*base, "-r", bad])
+        assert res.exit_code == 2 and why in " ".join(res.output.replace("│", " ").split())
+
+
 def test_codec_option_sets_the_store_codec(tiny_models, chunks_file, tmp_path):
     store = tmp_path / "store"
     res = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["llama"]),

@@ -16,7 +16,23 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", help="KV store direc
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="decoding engine: hf (transformers) or vllm (pip install 'kvblend[vllm]')")]
-RatioOpt = Annotated[float, typer.Option("--recompute-ratio", "-r", min=0.0, max=1.0, help="share of cached tokens recomputed")]
+
+
+def recompute_ratio(value: str) -> float | str:
+    """--recompute-ratio: a share in [0, 1], or "auto" (chosen per request from tier bandwidth and prefill speed)."""
+    if value == "auto":
+        return value
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is neither a number nor 'auto'") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise typer.BadParameter(f"{ratio} is outside [0, 1]")
+    return ratio
+
+
+RatioOpt = Annotated[str, typer.Option("--recompute-ratio", "-r", callback=recompute_ratio, help=(
+    "share of cached tokens recomputed (0-1), or auto: from tier bandwidth and prefill speed, per request"))]
 ChunkContextOpt = Annotated[Optional[str], typer.Option("--chunk-context", help=(
     "what each chunk is encoded after (not stored): bos (default), head (the prompt's template head) or none"))]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads")]
@@ -58,3 +74,10 @@ def make_kvblend(model: str, store: str | StoreConfig | None, device: str, dtype
     except (ValueError, FileNotFoundError, OSError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
+
+
+def stats_line(method: str, s) -> str:
+    """One dim line of a request's RequestStats, as generate and ask print it."""
+    ratio = "" if s.recompute_ratio is None else f", r {s.recompute_ratio:.2f}"
+    return (f"[dim]{method}: TTFT {s.ttft_s:.3f}s, {s.tokens_total} prompt tokens, {s.tokens_cached} cached "
+            f"({s.chunk_hits} hits, {s.chunk_misses} misses), {s.tokens_recomputed} recomputed{ratio}[/dim]")

@@ -13,7 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from kvblend.cli import app
-from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend, store_config
+from kvblend.cli.common import (
+    CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend, stats_line, store_config,
+)
 
 StoreSpecOpt = Annotated[str, typer.Option("--store", help="KV store: a directory, or a YAML store config / redis:// URL with --corpus")]
 CorpusOpt = Annotated[Optional[Path], typer.Option("--corpus", file_okay=False, help="manifest and index folder (default: STORE_DIR/corpus)")]
@@ -148,7 +150,7 @@ def ask(
     codec: CodecOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="chunks retrieved and blended")] = 6,
     method: Annotated[str, typer.Option(help="blend, full or reuse")] = "blend",
-    recompute_ratio: RatioOpt = 0.15,
+    recompute_ratio: RatioOpt = "0.15",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     precompute: Annotated[bool, typer.Option(help="encode retrieved chunks missing from the store first (not timed)")] = True,
     embedder: EmbedderOpt = None,
@@ -192,5 +194,4 @@ def ask(
         table.add_row(str(rank), f"{h.score:.3f}", r.source, f"{r.start}-{r.end}", str(r.tokens), "hit" if hit else "miss")
     console.print(table)
     s = result.stats
-    console.print(f"[dim]{method}: TTFT {s.ttft_s:.3f}s, {s.tokens_total} prompt tokens, {s.tokens_cached} cached "
-                  f"({s.chunk_hits} hits, {s.chunk_misses} misses), {s.tokens_recomputed} recomputed[/dim]")
+    console.print(stats_line(method, s))

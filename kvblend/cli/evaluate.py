@@ -21,7 +21,7 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(min=1, help="first N records")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="keep each record's first K contexts, in order")] = None,
     shuffle_seed: Annotated[Optional[int], typer.Option(help="ask each record's chunks in a seeded shuffled order (precomputed in dataset order)")] = None,
-    recompute_ratio: RatioOpt = 0.15,
+    recompute_ratio: RatioOpt = "0.15",
     chunk_context: ChunkContextOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,

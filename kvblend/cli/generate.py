@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvblend.cli import app
-from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend
+from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend, stats_line
 from kvblend.eval.datasets import load_chunks_file
 
 
@@ -18,7 +18,7 @@ def generate(
     chunks_file: Annotated[Path, typer.Option("--chunks-file", exists=True, dir_okay=False, help="JSON: a list of chunk texts, or a CacheBlend prompt file")],
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="the question (default: the file's 'query')")] = None,
     method: Annotated[str, typer.Option(help="blend, full or reuse")] = "blend",
-    recompute_ratio: RatioOpt = 0.15,
+    recompute_ratio: RatioOpt = "0.15",
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     precompute: Annotated[bool, typer.Option(help="encode chunks missing from the store first (not timed)")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the answer and stats here")] = None,
@@ -52,7 +52,6 @@ def generate(
         raise typer.Exit(2)
     print()
     s = result.stats
-    console.print(f"[dim]{method}: TTFT {s.ttft_s:.3f}s, {s.tokens_total} prompt tokens, {s.tokens_cached} cached "
-                  f"({s.chunk_hits} hits, {s.chunk_misses} misses), {s.tokens_recomputed} recomputed[/dim]")
+    console.print(stats_line(method, s))
     if json_out:
         json_out.write_text(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}, indent=2))

@@ -20,7 +20,7 @@ def serve(
     codec: CodecOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    recompute_ratio: RatioOpt = 0.15,
+    recompute_ratio: RatioOpt = "0.15",
     kv_cache_bytes: Annotated[str, typer.Option(help="vLLM's KV cache size, e.g. 1GiB")] = "1GiB",
     max_model_len: Annotated[Optional[int], typer.Option(min=2, help="longest prompt + answer (default: the model's)")] = None,
     handoff_dir: Annotated[Optional[Path], typer.Option(help="where fused KV waits for vLLM's worker (default: /dev/shm)")] = None,

@@ -33,6 +33,7 @@ STALE_TMP_S = 60.0  # a temporary file older than this belongs to a writer that 
 # Bytes per read: small enough that a piece is still in the CPU cache when it is hashed (a whole
 # layer is not: hashing it re-reads memory, ~8% slower overall on the project's machines).
 READ_PIECE = 256 * 2**10
+NOWAIT = getattr(os, "RWF_NOWAIT", None)  # a read that fails rather than wait for the device (Linux)
 
 
 class FileReader:
@@ -59,8 +60,10 @@ class FileReader:
         """Bring a mapped range into the page cache before it is checksummed. A range not cached yet
         is read like `dd` does, in READ_PIECE reads into one small buffer: faulting it in page by
         page ran at ~65% of that. Cached data (probed without blocking) is left to the map."""
+        if NOWAIT is None:  # not Linux: page faults will read it
+            return
         try:
-            if os.preadv(self.fd, [self._probe], offset, os.RWF_NOWAIT) == len(self._probe):
+            if os.preadv(self.fd, [self._probe], offset, NOWAIT) == len(self._probe):
                 return
         except BlockingIOError:
             pass
