@@ -43,8 +43,7 @@ class FileReader:
         self.fd, self.path, self.can_map = fd, path, can_map
         self._closer = weakref.finalize(self, os.close, fd)
         self._map: mmap.mmap | None = None
-        self._probe = bytearray(mmap.PAGESIZE)
-        self._scratch = memoryview(bytearray(READ_PIECE)) if can_map else None
+        self._scratch: memoryview | None = None  # will_need's read buffer, made on the first cold layer
 
     def mapped(self, offset: int, nbytes: int) -> memoryview:
         """Bytes offset..offset+nbytes as a private (copy-on-write) map of the file: the page cache's
@@ -62,8 +61,11 @@ class FileReader:
         page ran at ~65% of that. Cached data (probed without blocking) is left to the map."""
         if NOWAIT is None:  # not Linux: page faults will read it
             return
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(READ_PIECE))
+        probe = self._scratch[: mmap.PAGESIZE]
         try:
-            if os.preadv(self.fd, [self._probe], offset, NOWAIT) == len(self._probe):
+            if os.preadv(self.fd, [probe], offset, NOWAIT) == len(probe):
                 return
         except BlockingIOError:
             pass
