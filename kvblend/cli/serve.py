@@ -59,4 +59,7 @@ def serve(
         vllm_args += ["--max-model-len", str(max_model_len)]
     if "--served-model-name" not in ctx.args:
         vllm_args += ["--served-model-name", model]
-    run_vllm_server(vllm_args + list(ctx.args))
+    try:
+        run_vllm_server(vllm_args + list(ctx.args))
+    finally:
+        handoff.clear_spares()

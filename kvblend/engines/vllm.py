@@ -129,11 +129,12 @@ class VLLMEngine:
         return self._prefix_llm
 
     def close(self) -> None:
-        """Stop vLLM's engine processes."""
+        """Stop vLLM's engine processes and free the spare hand-off files."""
         for llm in (self.llm, self._prefix_llm):
             if llm is not None:
                 llm.llm_engine.engine_core.shutdown()
         self._prefix_llm = None
+        self.handoff.clear_spares()
 
     def __enter__(self) -> "VLLMEngine":
         return self

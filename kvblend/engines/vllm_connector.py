@@ -215,7 +215,8 @@ class KVBlendConnector(KVConnectorBase_V1):
                 self._fail(load.spec)
                 load.pending.clear()
             if not load.pending:
-                self._handoff.remove(load.spec.key)
+                load.reader = None  # unmapped before the file is reused
+                self._handoff.release(load.spec.key)
 
     def _fail(self, spec: LoadSpec) -> None:
         first, last = spec.start // self._block_size, (spec.end - 1) // self._block_size

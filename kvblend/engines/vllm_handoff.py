@@ -9,13 +9,18 @@ read, by default a per-user folder in /dev/shm (RAM, no disk I/O):
 - metadata `num_tokens` (the N-1 tokens vLLM takes; it computes the last one itself) and
   `digest`, a hash of those tokens' ids, so a hand-off is never applied to another prompt.
 
-The file is written atomically (temporary name, then rename). The worker deletes it once loaded;
-the producer deletes it again when the request ends, in case the worker never got to it.
+The file is written atomically (temporary name, then rename). Once the worker has loaded it, the
+file becomes a spare (up to `SPARES` per folder) that the next write fills in place through a
+map: fresh shared-memory pages cost 2-6x more to write than pages already in use (measured in
+processes hosting vLLM: 0.08-0.37 s for 170 MB fresh, ~0.03 s recycled). The producer removes
+the file again when the request ends, in case the worker never got to it; `clear_spares` frees
+the spares when the engine closes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import tempfile
@@ -26,10 +31,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 PARAM = "kvblend_handoff"  # the kv_transfer_params field that names a request's hand-off
+SPARES = 2  # loaded hand-off files kept per folder for the next write to reuse
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8"}
 
 
 def default_handoff_dir() -> Path:
@@ -76,16 +83,56 @@ class HandoffDir:
 
     def save(self, key: str, header: HandoffHeader, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
         """Atomically write per-layer KV [kv_heads, >= header.num_tokens, head_dim] under key."""
-        tensors = {f"k.{i}": k.contiguous() for i, k in enumerate(keys)}
-        tensors |= {f"v.{i}": v.contiguous() for i, v in enumerate(values)}
-        meta = {"num_tokens": str(header.num_tokens), "digest": header.digest}
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
+        tensors = [(f"k.{i}", k.contiguous()) for i, k in enumerate(keys)]
+        tensors += [(f"v.{i}", v.contiguous()) for i, v in enumerate(values)]
+        head = safetensors_header(tensors, {"num_tokens": str(header.num_tokens), "digest": header.digest})
+        size = len(head) + sum(t.numel() * t.element_size() for _, t in tensors)
+        tmp = self._claim_spare() or self.folder / f"{uuid.uuid4().hex}.tmp"
         try:
-            save_file(tensors, tmp, metadata=meta)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            finally:
+                os.close(fd)
+            with mapped:
+                mapped[: len(head)] = head
+                data = torch.frombuffer(mapped, dtype=torch.uint8)
+                at = len(head)
+                for _, t in tensors:  # torch's copy runs on all its threads
+                    nbytes = t.numel() * t.element_size()
+                    data[at : at + nbytes].copy_(t.reshape(-1).view(torch.uint8))
+                    at += nbytes
+                del data  # the map cannot close while a tensor exports it
             os.replace(tmp, self.path(key))
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def _claim_spare(self) -> Path | None:
+        """Take a spare for this write (rename is atomic: two writers never get the same one)."""
+        for spare in self.folder.glob("spare-*"):
+            claimed = self.folder / f"{uuid.uuid4().hex}.tmp"
+            try:
+                os.rename(spare, claimed)
+                return claimed
+            except FileNotFoundError:
+                continue
+        return None
+
+    def release(self, key: str) -> None:
+        """A loaded hand-off: keep it as a spare for the next write, or delete it if there are enough."""
+        path = self.path(key)
+        if sum(1 for _ in self.folder.glob("spare-*")) < SPARES:
+            try:
+                os.rename(path, self.folder / f"spare-{key}")
+                return
+            except FileNotFoundError:
+                return
+        path.unlink(missing_ok=True)
+
+    def clear_spares(self) -> None:
+        for spare in self.folder.glob("spare-*"):
+            spare.unlink(missing_ok=True)
 
     def header(self, key: str) -> HandoffHeader | None:
         """The hand-off's header, or None if it is absent or unreadable (a miss, never a crash)."""
@@ -103,6 +150,21 @@ class HandoffDir:
     def remove(self, key: str) -> None:
         if is_handoff_key(key):
             self.path(key).unlink(missing_ok=True)
+
+
+def safetensors_header(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
+    """The safetensors header (length + JSON, padded to 8 bytes) for contiguous tensors laid out in order."""
+    entries: dict[str, object] = {"__metadata__": metadata}
+    at = 0
+    for name, t in tensors:
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"hand-off tensor {name}: dtype {t.dtype} is not one of {sorted(map(str, _DTYPES))}")
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + nbytes]}
+        at += nbytes
+    body = json.dumps(entries, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
 
 
 def layer_kv(reader, i: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
