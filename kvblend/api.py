@@ -95,7 +95,7 @@ class KVBlend:
         self.builder = PromptBuilder(self.tokenizer)
         self.store: KVStore = store if store is not None and not isinstance(store, str) else open_store(self.config.store)
         self.executor = BlendExecutor(self.adapter, self.config.blend)
-        self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.tokenizer, self.builder.encode(self.builder.head))
+        self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.builder, self.config.blend.primer)
         self.stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
@@ -146,12 +146,15 @@ class KVBlend:
     def build_prompt(self, chunks: list[str], question: str) -> Prompt:
         return self.builder.build(list(chunks), question)
 
-    def prefill(self, chunks: list[str], question: str, method: Method = "blend", config: BlendConfig | None = None, profile: bool = False) -> Prefill:
-        """Run the prompt's prefill by `method`; the result holds the cache and first-token logits."""
+    def prefill(self, chunks: list[str], question: str, method: Method = "blend", config: BlendConfig | None = None,
+                profile: bool = False, prompt: Prompt | None = None) -> Prefill:
+        """Run the prompt's prefill by `method`; the result holds the cache and first-token logits.
+
+        `prompt` is `build_prompt(chunks, question)` when the caller has built it already."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         t0 = time.perf_counter()
-        prompt = self.build_prompt(chunks, question)
+        prompt = prompt or self.build_prompt(chunks, question)
         ids = torch.tensor(prompt.ids, device=self.adapter.device)
         stats = RequestStats(method=method, tokens_total=ids.numel())
         if ids.numel() > self.adapter.max_positions:

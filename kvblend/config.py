@@ -28,7 +28,9 @@ class BlendConfig(BaseModel):
     gradual filtering. `selection` picks the ranking: CacheBlend's KV deviation, deviation
     weighted by the attention the question pays each token (`"query"`), or random (an ablation).
     `chunk_context` is what each chunk is encoded after (not stored): the model's BOS, nothing,
-    or `"head"`, the prompt's template head, which measured lower KL vs full prefill (README).
+    `"head"` (the prompt's template head) or `"primed"` (the head, a neutral passage and the
+    separator: chunks encoded as if they followed another document; `primer` sets the passage),
+    which measured the lowest KL vs full prefill with a passage from the same corpus (README).
     """
 
     model_config = {"extra": "forbid"}
@@ -40,7 +42,9 @@ class BlendConfig(BaseModel):
     selection: Literal["deviation", "query", "random"] = "deviation"
     query_weight: float = Field(1.0, ge=0.0, description="mix of the query-attention score, for selection='query'")
     sink_tokens: int = Field(0, ge=0, description="leading tokens of each cached chunk always recomputed")
-    chunk_context: Literal["bos", "head", "none"] | list[int] = "bos"
+    chunk_context: Literal["bos", "head", "primed", "none"] | list[int] = "bos"
+    primer: str | None = Field(None, min_length=1, description=(
+        "the passage 'primed' chunks are encoded after; best one of the corpus's own (default: a neutral passage)"))
     attention_block: int = Field(128, ge=1, description="selected queries per attention block")
     backend: Literal["auto", "torch", "triton"] = "auto"
     seed: int = 0

@@ -98,6 +98,8 @@ def test_config_validation():
         BlendConfig(recompute_ratio=0.3, check_layers=[])
     with pytest.raises(ValueError):
         BlendConfig(recompute_ratio=1.5)
+    with pytest.raises(ValueError, match="primer"):
+        BlendConfig(chunk_context="primed", primer="")
 
 
 def test_bad_input_is_a_clear_error(kb):

@@ -133,3 +133,21 @@ def test_head_context_makes_the_first_chunk_exact(tiny_models):
     torch.testing.assert_close(reuse.logits, full.logits, atol=1e-4, rtol=0)
     bos = KVBlend(model=str(tiny_models["llama"]), config=BlendConfig(chunk_context="bos"))
     assert bos.key_for([5, 6]) != kb.key_for([5, 6])  # another context is another cache
+
+
+@pytest.mark.parametrize("primer", [None, "A passage of the user's own corpus, about rivers and their bridges."])
+def test_primed_context_is_exact_after_another_document(tiny_models, primer):
+    """chunk_context="primed": a chunk is encoded after the head, a passage (the primer) and the
+    separator, so in a prompt whose first document is that passage it reuses the full prefill's KV."""
+    from kvblend.blend.chunks import PRIMER
+
+    kb = KVBlend(model=str(tiny_models["llama"]), config=BlendConfig(chunk_context="primed", primer=primer))
+    b = kb.builder
+    assert kb.context_ids == b.encode(b.head) + b.encode(primer or PRIMER) + b.encode(b.separator)
+    kb.precompute(CHUNKS[1:2])
+    prompt = [primer or PRIMER, CHUNKS[1]]
+    reuse = kb.prefill(prompt, QUESTION, "reuse")
+    assert (reuse.stats.chunk_hits, reuse.stats.chunk_misses) == (1, 1)  # the passage itself is not cached
+    torch.testing.assert_close(reuse.logits, kb.prefill(prompt, QUESTION, "full").logits, atol=1e-4, rtol=0)
+    head = KVBlend(model=str(tiny_models["llama"]), config=BlendConfig(chunk_context="head"))
+    assert head.key_for([5, 6]) != kb.key_for([5, 6])

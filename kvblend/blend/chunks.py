@@ -8,6 +8,7 @@ import json
 import torch
 
 from kvblend.kernels import plan_attention, rotate, selected_attention
+from kvblend.blend.plan import PromptBuilder
 from kvblend.models.adapter import LayerwiseModel
 from kvblend.store.base import ChunkKV
 
@@ -21,20 +22,37 @@ def chunk_key(fingerprint: str, context_ids: list[int], token_ids: list[int], dt
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def resolve_chunk_context(spec: str | list[int], tokenizer, head_ids: list[int]) -> list[int]:
-    """'bos' → [BOS] when the tokenizer has one, 'head' → the prompt's template head (`head_ids`),
-    'none' → [], a list → itself.
+# A neutral passage (no facts a RAG question would ask about) that "primed" chunks are encoded after.
+PRIMER = (
+    "The botanic garden was founded in 1759 on the banks of a slow river. Its glasshouses hold plants from every "
+    "continent, arranged by climate rather than by family, and its library keeps more than half a million herbarium "
+    "sheets. Visitors follow a circular path past the palm house, a lake and a pagoda built for a royal visit. The "
+    "garden is run by a public trust that employs gardeners, scientists and teachers. Its seed bank stores samples of "
+    "tens of thousands of species in cold vaults, so that plants lost in the wild can be grown again."
+)
 
-    'head' encodes every chunk as if it stood first in a prompt: the first chunk of a prompt then
-    reuses exactly its full-prefill KV, and the others at least see the real sink and system text.
+
+def resolve_chunk_context(spec: str | list[int], builder: PromptBuilder, primer: str | None = None) -> list[int]:
+    """The token ids every chunk is encoded after: 'bos' → [BOS] when the tokenizer has one,
+    'head' → the prompt's template head, 'primed' → the head, `primer` (default: a neutral passage)
+    and the separator, 'none' → [], a list → itself.
+
+    'head' encodes every chunk as if it stood first in a prompt (the first chunk then reuses exactly
+    its full-prefill KV). 'primed' encodes it as if it followed another document, which is where all
+    but the first chunk of a prompt stand: its cached KV is closer to what a full prefill computes,
+    the more so when the primer is a passage of the same corpus (README).
     """
     if isinstance(spec, list):
         return list(spec)
     if spec == "none":
         return []
-    if spec == "head" and head_ids:
-        return list(head_ids)
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = [builder.tokenizer.bos_token_id] if builder.tokenizer.bos_token_id is not None else []
+    head = builder.encode(builder.head) if builder.head else bos
+    if spec == "head" and head:
+        return head
+    if spec == "primed":
+        return head + builder.encode(primer or PRIMER) + (builder.encode(builder.separator) if builder.separator else [])
+    return bos
 
 
 @torch.inference_mode()

@@ -23,6 +23,8 @@ def eval_command(
     shuffle_seed: Annotated[Optional[int], typer.Option(help="ask each record's chunks in a seeded shuffled order (precomputed in dataset order)")] = None,
     recompute_ratio: RatioOpt = "0.15",
     chunk_context: ChunkContextOpt = None,
+    primer_file: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help=(
+        "text file: the passage --chunk-context primed encodes chunks after (default: a neutral passage)"))] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
     model: ModelOpt = "smollm2-135m",
@@ -43,8 +45,10 @@ def eval_command(
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio,
-                      **({"chunk_context": chunk_context} if chunk_context else {}))
+    blend = {"chunk_context": chunk_context} if chunk_context else {}
+    if primer_file:
+        blend["primer"] = primer_file.read_text()
+    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio, **blend)
     try:
         specs = parse_methods(methods, kb.config.blend)
     except ValueError as exc:

@@ -77,7 +77,7 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
     chunk_ids = [seg.ids for seg in prompt.segments if seg.chunk is not None]
     if method in ("blend", "reuse") and len(ids) <= max_model_len:
         if any(kb.store.contains(kb.key_for(c)) for c in chunk_ids):
-            pre = kb.prefill(chunks, question, method, config)
+            pre = kb.prefill(chunks, question, method, config, prompt=prompt)
             t1 = time.perf_counter()
             layers = pre.cache.layers
             key = handoff.write(ids, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
