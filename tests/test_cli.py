@@ -88,14 +88,14 @@ def test_eval_writes_the_documented_json(tiny_models, tmp_path):
     ds.write_text(json.dumps(data))
     out = tmp_path / "eval.json"
     primer = tmp_path / "primer.txt"
-    primer.write_text("Dogs and cats share the house; the dog sleeps by the door.")
+    primer.write_text("Dogs and cats share the house; the dog sleeps by the door.\n")
     res = runner.invoke(app, ["eval", str(ds), "--model", str(tiny_models["qwen3"]), "--limit", "2", "--top-k", "2",
                               "--max-new-tokens", "4", "--methods", "full,reuse,blend,blend[selection=query]", "--json", str(out),
                               "--chunk-context", "primed", "--primer-file", str(primer)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["config"]["kvblend"]["blend"]["chunk_context"] == "primed"
-    assert report["config"]["kvblend"]["blend"]["primer"] == primer.read_text()
+    assert report["config"]["kvblend"]["blend"]["primer"] == primer.read_text().strip()
     methods = report["methods"]
     assert list(methods) == ["full", "reuse", "blend", "blend[selection=query]"]
     keys = {"f1", "first_token_agree", "token_agree", "kl_first", "kl_tf", "ttft_median_s", "speedup_vs_full"}
