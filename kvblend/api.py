@@ -154,7 +154,8 @@ class KVBlend:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         t0 = time.perf_counter()
-        prompt = prompt or self.build_prompt(chunks, question)
+        if prompt is None:
+            prompt = self.build_prompt(chunks, question)
         ids = torch.tensor(prompt.ids, device=self.adapter.device)
         stats = RequestStats(method=method, tokens_total=ids.numel())
         if ids.numel() > self.adapter.max_positions:

@@ -59,6 +59,12 @@ class BlendConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _primer(self) -> "BlendConfig":
+        if self.primer is not None and self.chunk_context != "primed":
+            raise ValueError(f'a primer is only used with chunk_context="primed" (got {self.chunk_context!r})')
+        return self
+
+    @model_validator(mode="after")
     def _ratios(self) -> "BlendConfig":
         if self.recompute_ratio == "auto":
             if self.check_ratios is not None or not self.check_layers:

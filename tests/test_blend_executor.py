@@ -100,6 +100,12 @@ def test_config_validation():
         BlendConfig(recompute_ratio=1.5)
     with pytest.raises(ValueError, match="primer"):
         BlendConfig(chunk_context="primed", primer="")
+    with pytest.raises(ValueError, match='only used with chunk_context="primed"'):
+        BlendConfig(primer="a passage")
+    from kvblend.eval.methods import parse_methods
+
+    with pytest.raises(ValueError, match="chunk encoding is set once per run"):
+        parse_methods("full,blend[chunk_context=head]", BlendConfig())
 
 
 def test_bad_input_is_a_clear_error(kb):
@@ -159,6 +165,9 @@ def test_fused_norms_give_the_modules_bits(tiny_models, arch):
     """fp32 layers use torch's fused RMSNorm only because it is bit-identical to the model's module."""
     kb = KVBlend(model=str(tiny_models[arch]))
     layer, module = kb.adapter.layers[1], kb.model.model.layers[1]
+    for norm in (module.input_layernorm, getattr(module.self_attn, "q_norm", None)):
+        if norm is not None:
+            norm.weight.data.uniform_(0.5, 1.5)  # tiny models start at 1.0: make the scaling count
     h = torch.randn(7, module.input_layernorm.weight.shape[0])
     assert layer.input_norm is not module.input_layernorm
     assert torch.equal(layer.input_norm(h), module.input_layernorm(h))

@@ -24,7 +24,7 @@ def eval_command(
     recompute_ratio: RatioOpt = "0.15",
     chunk_context: ChunkContextOpt = None,
     primer_file: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help=(
-        "text file: the passage (stripped) --chunk-context primed encodes chunks after (default: a neutral one)"))] = None,
+        "text file: the passage (stripped) primed chunks are encoded after; implies --chunk-context primed"))] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
     model: ModelOpt = "smollm2-135m",
@@ -47,7 +47,8 @@ def eval_command(
         raise typer.Exit(2)
     blend = {"chunk_context": chunk_context} if chunk_context else {}
     if primer_file:
-        blend["primer"] = primer_file.read_text().strip()
+        blend["primer"] = primer_file.read_text(encoding="utf-8").strip()
+        blend.setdefault("chunk_context", "primed")
     kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio, **blend)
     try:
         specs = parse_methods(methods, kb.config.blend)

@@ -48,6 +48,7 @@ def serve(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     handoff = HandoffDir(handoff_dir)
+    handoff.clear_spares()  # left by a server that was killed
     os.environ[SETTINGS_ENV] = json.dumps({"kvblend": cfg.model_dump(mode="json"), "handoff_dir": str(handoff.folder),
                                            "precompute_misses": precompute_misses})
     vllm_args = [

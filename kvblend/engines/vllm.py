@@ -101,6 +101,7 @@ class VLLMEngine:
                  handoff_dir: str | None = None, save_dir: str | None = None, **llm_options: Any):
         self.kb = kb
         self.handoff = HandoffDir(handoff_dir)
+        self.handoff.clear_spares()  # left by a process that was killed
         self.save_dir = save_dir
         self._options = dict(model=resolve_model(kb.config.model), dtype=kb.config.dtype, seed=0,
                              kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len) | llm_options
@@ -130,11 +131,13 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop vLLM's engine processes and free the spare hand-off files."""
-        for llm in (self.llm, self._prefix_llm):
-            if llm is not None:
-                llm.llm_engine.engine_core.shutdown()
-        self._prefix_llm = None
-        self.handoff.clear_spares()
+        try:
+            for llm in (self.llm, self._prefix_llm):
+                if llm is not None:
+                    llm.llm_engine.engine_core.shutdown()
+        finally:
+            self._prefix_llm = None
+            self.handoff.clear_spares()
 
     def __enter__(self) -> "VLLMEngine":
         return self

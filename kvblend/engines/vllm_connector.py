@@ -214,9 +214,6 @@ class KVBlendConnector(KVConnectorBase_V1):
                 log.warning("hand-off %s layer %s failed (%s): vLLM recomputes request %s", load.spec.key, layer_name, exc, load.spec.req_id)
                 self._fail(load.spec)
                 load.pending.clear()
-            if not load.pending:
-                load.reader = None  # unmapped before the file is reused
-                self._handoff.release(load.spec.key)
 
     def _fail(self, spec: LoadSpec) -> None:
         first, last = spec.start // self._block_size, (spec.end - 1) // self._block_size
@@ -242,7 +239,10 @@ class KVBlendConnector(KVConnectorBase_V1):
             if load.pending:  # the layer hooks never ran for these layers: do not trust the cache
                 log.error("hand-off %s: layers %s were not loaded; vLLM recomputes", load.spec.key, sorted(load.pending))
                 self._fail(load.spec)
-        self._active = []
+        keys = {load.spec.key for load in self._active}
+        self._active = []  # drops the readers: no map of a released file is read again
+        for key in keys:  # once per key: requests forked from one (n > 1) share their hand-off
+            self._handoff.release(key)
         meta = self._get_connector_metadata()
         for spec in meta.saves if isinstance(meta, KVBlendMetadata) else []:
             layers = self._saving.pop(spec.key, {})

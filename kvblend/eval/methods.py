@@ -50,6 +50,8 @@ def parse_methods(text: str, base: BlendConfig) -> list[MethodSpec]:
                 key, eq, value = kv.partition("=")
                 if not eq:
                     raise ValueError(f"bad override {kv!r} in {item!r}: expected key=value")
+                if key.strip() in ("chunk_context", "primer"):
+                    raise ValueError(f"{key.strip()!r} in {item!r}: chunk encoding is set once per run (--chunk-context, --primer-file)")
                 overrides[key.strip()] = yaml.safe_load(value)
             config = BlendConfig.model_validate({**base.model_dump(), **overrides})
         specs.append(MethodSpec(item, name, config))
