@@ -12,9 +12,9 @@ read, by default a per-user folder in /dev/shm (RAM, no disk I/O):
 The file is written atomically (temporary name, then rename). Once the worker has loaded it, the
 file becomes a spare (up to `SPARES` per folder) that the next write fills in place through a
 map: fresh shared-memory pages cost 3-12x more to write than pages already in use (measured in
-processes hosting vLLM: 0.08-0.37 s for 170 MB fresh, ~0.03 s reused). The producer removes
+processes hosting vLLM: 0.08-0.38 s for 170 MB fresh, ~0.03 s reused). The producer removes
 the file again when the request ends, in case the worker never got to it; `clear_spares` frees
-the spares when the engine closes.
+the spares when an engine or server starts and stops.
 """
 from __future__ import annotations
 
