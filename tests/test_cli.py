@@ -10,6 +10,11 @@ from kvblend.cli.common import store_config
 from kvblend.store import DiskStore
 
 runner = CliRunner()
+
+
+def unwrapped(output: str) -> str:
+    """CLI output as one line: rich wraps messages (and draws panels) at the terminal's width."""
+    return " ".join(output.replace("│", " ").split())
 CHUNKS = ["The lighthouse keeper's cat is called Biscuit.", "Biscuit sleeps on the third stair every afternoon."]
 
 
@@ -40,7 +45,7 @@ def test_recompute_ratio_takes_a_share_or_auto(tiny_models, chunks_file, tmp_pat
     assert 0.0 < ratio <= 1.0 and f"r {ratio:.2f}" in res.output  # the per-request choice, in the stats line
     for bad, why in (("1.5", "1.5 is outside [0, 1]"), ("most", "'most' is neither a number nor 'auto'")):
         res = runner.invoke(app, [*base, "-r", bad])
-        assert res.exit_code == 2 and why in " ".join(res.output.replace("│", " ").split())
+        assert res.exit_code == 2 and why in unwrapped(res.output)
 
 
 def test_codec_option_sets_the_store_codec(tiny_models, chunks_file, tmp_path):
@@ -51,7 +56,7 @@ def test_codec_option_sets_the_store_codec(tiny_models, chunks_file, tmp_path):
     disk = DiskStore(store)
     assert len(disk.entries()) == 2 and {disk.header(e).codec for e in disk.entries()} == {"int8"}
     bad = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["llama"]), "--codec", "zstd"])
-    message = " ".join(bad.output.replace("│", " ").split())  # rich's error panel, unwrapped
+    message = unwrapped(bad.output)
     assert bad.exit_code == 2 and "unknown codec 'zstd'; choose one of raw, fp8, int8" in message
     spec = tmp_path / "store.yaml"
     spec.write_text(f"store:\n  disk_dir: {store}\n  codec: fp8\n")
@@ -73,12 +78,12 @@ def test_generate_rejects_a_bad_file(tiny_models, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     res = runner.invoke(app, ["generate", "--chunks-file", str(bad), "--model", str(tiny_models["llama"])])
-    assert res.exit_code == 2 and "not a readable JSON file" in res.output
+    assert res.exit_code == 2 and "not a readable JSON file" in unwrapped(res.output)
 
 
 def test_unknown_model_folder_is_a_clear_error(tmp_path, chunks_file):
     res = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tmp_path)])
-    assert res.exit_code == 2 and "has no config.json" in res.output
+    assert res.exit_code == 2 and "has no config.json" in unwrapped(res.output)
 
 
 def test_eval_writes_the_documented_json(tiny_models, tmp_path):
@@ -108,10 +113,10 @@ def test_eval_writes_the_documented_json(tiny_models, tmp_path):
 def test_eval_rejects_an_unknown_method(tiny_models, datasets):
     res = runner.invoke(app, ["eval", str(datasets / "cacheblend_examples" / "1.json"), "--model", str(tiny_models["llama"]),
                               "--methods", "full,magic"])
-    assert res.exit_code != 0 and "unknown method 'magic'" in res.output
+    assert res.exit_code != 0 and "unknown method 'magic'" in unwrapped(res.output)
     res = runner.invoke(app, ["eval", str(datasets / "cacheblend_examples" / "1.json"), "--model", str(tiny_models["llama"]),
                               "--chunk-context", "eos"])
-    assert res.exit_code == 2 and "chunk_context" in res.output
+    assert res.exit_code == 2 and "chunk_context" in unwrapped(res.output)
 
 
 def test_bench_reports_every_method_and_plots(tiny_models, tmp_path, datasets):
@@ -126,4 +131,4 @@ def test_bench_reports_every_method_and_plots(tiny_models, tmp_path, datasets):
 
 def test_models_pull_rejects_unknown_alias():
     res = runner.invoke(app, ["models", "pull", "gpt-17"])
-    assert res.exit_code == 2 and "unknown alias" in res.output
+    assert res.exit_code == 2 and "unknown alias" in unwrapped(res.output)
