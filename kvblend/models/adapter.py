@@ -41,21 +41,6 @@ class FusedLayer:
     act: nn.Module
 
 
-def _fast_norm(norm: nn.Module | None, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """torch's fused RMSNorm in place of the model's module where it gives the same bits.
-
-    The four supported families scale by `weight` after normalising in fp32; in fp32 on CPU torch's
-    fused kernel computes exactly that in one pass instead of five (tested). In lower precision the
-    module rounds before scaling, and GPU kernels may sum in another order, so there it stays."""
-    if norm is None or dtype != torch.float32 or not type(norm).__name__.endswith("RMSNorm"):
-        return norm
-    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if eps is None or weight is None or weight.dim() != 1 or weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return norm
-    shape = (weight.shape[0],)
-    return lambda x: F.rms_norm(x, shape, weight, eps)
-
-
 def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the linears' weights and re-point each linear at its slice of the result."""
     weight = torch.cat([lin.weight.data for lin in linears], dim=0)
@@ -107,15 +92,14 @@ class LayerwiseModel:
                 attn, mlp = layer.self_attn, layer.mlp
                 qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
                 gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
-                dtype = qkv_w.dtype
                 self.layers.append(
                     FusedLayer(
-                        input_norm=_fast_norm(layer.input_layernorm, dtype),
-                        post_norm=_fast_norm(layer.post_attention_layernorm, dtype),
+                        input_norm=layer.input_layernorm,
+                        post_norm=layer.post_attention_layernorm,
                         qkv_weight=qkv_w,
                         qkv_bias=qkv_b,
-                        q_norm=_fast_norm(getattr(attn, "q_norm", None), dtype),
-                        k_norm=_fast_norm(getattr(attn, "k_norm", None), dtype),
+                        q_norm=getattr(attn, "q_norm", None),
+                        k_norm=getattr(attn, "k_norm", None),
                         o_proj=attn.o_proj,
                         gate_up_weight=gu_w,
                         gate_up_bias=gu_b,
