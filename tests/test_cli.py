@@ -15,6 +15,8 @@ runner = CliRunner()
 def unwrapped(output: str) -> str:
     """CLI output as one line: rich wraps messages (and draws panels) at the terminal's width."""
     return " ".join(output.replace("│", " ").split())
+
+
 CHUNKS = ["The lighthouse keeper's cat is called Biscuit.", "Biscuit sleeps on the third stair every afternoon."]
 
 

@@ -7,8 +7,8 @@ import json
 
 import torch
 
-from kvblend.kernels import plan_attention, rotate, selected_attention
 from kvblend.blend.plan import PromptBuilder
+from kvblend.kernels import plan_attention, rotate, selected_attention
 from kvblend.models.adapter import LayerwiseModel
 from kvblend.store.base import ChunkKV
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,12 +27,12 @@ class UnsupportedModelError(ValueError):
 class FusedLayer:
     """One decoder layer's weights in the shapes the layer-wise executor wants."""
 
-    input_norm: Callable[[torch.Tensor], torch.Tensor]
-    post_norm: Callable[[torch.Tensor], torch.Tensor]
+    input_norm: nn.Module
+    post_norm: nn.Module
     qkv_weight: torch.Tensor
     qkv_bias: torch.Tensor | None
-    q_norm: Callable[[torch.Tensor], torch.Tensor] | None
-    k_norm: Callable[[torch.Tensor], torch.Tensor] | None
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
     o_proj: nn.Linear
     gate_up_weight: torch.Tensor
     gate_up_bias: torch.Tensor | None
