@@ -4,11 +4,11 @@
 the functions exported here.
 """
 from kvblend.kernels.kv_deviation import kv_deviation
-from kvblend.kernels.rope_realign import rope_realign, rope_realign_span, rotate
+from kvblend.kernels.rope_realign import rope_realign, rope_realign_span, rotate, rotate_into
 from kvblend.kernels.scatter_rows import scatter_rows, scatter_rows_paged
 from kvblend.kernels.selected_attention import AttentionPlan, plan_attention, selected_attention
 
 __all__ = [
     "AttentionPlan", "kv_deviation", "plan_attention", "rope_realign", "rope_realign_span", "rotate",
-    "scatter_rows", "scatter_rows_paged", "selected_attention",
+    "rotate_into",     "scatter_rows", "scatter_rows_paged", "selected_attention",
 ]

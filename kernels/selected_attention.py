@@ -1,55 +1,63 @@
 """Attention of selected queries (any positions) over the fused cache, exact causal mask by
 absolute position: a query at position p sees the keys at positions <= p. GQA included.
 
-The torch path folds the query heads that share a KV head into the query-length dimension, so
-K/V are never repeated, and walks the (sorted) queries in blocks, each attending only to the keys
-up to its last position. Masks depend on positions alone, so an `AttentionPlan` is built once per
-selection and shared by every layer.
+On CPU in fp32, `backend="auto"` runs the C++ kernel (cpu_attention.cpp) when it builds. The
+torch path (the reference, and the fallback) folds the query heads that share a KV head into the
+query-length dimension, so K/V are never repeated, and walks the (sorted) queries in blocks, each
+attending only to the keys up to its last position. Masks depend on positions alone, so an
+`AttentionPlan` is built once per selection and shared by every layer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from kvblend.kernels import cpu_attention
 from kvblend.kernels.dispatch import use_triton
 
 
 @dataclass
 class AttentionPlan:
-    """Query positions plus the per-block additive masks (0 / -inf) of the torch path."""
+    """Query positions, plus the per-block additive masks (0 / -inf) the torch path needs, built
+    on first use (the C++ and Triton kernels take the positions alone)."""
 
     q_pos: torch.Tensor
     n_keys: int
     full_causal: bool
-    blocks: list[tuple[int, int, int, torch.Tensor]] = field(default_factory=list)
+    group: int = 1
+    block: int = 128
+    dtype: torch.dtype = torch.float32
+
+    @functools.cached_property
+    def blocks(self) -> list[tuple[int, int, int, torch.Tensor]]:
+        """(first query, end query, keys seen, mask [group * queries, keys]) per block of <= `block` queries.
+
+        Masks are additive in the queries' dtype: SDPA's CPU kernel adds them ~10% faster than it
+        applies boolean ones, and they are built once for every layer."""
+        key_pos = torch.arange(self.n_keys, device=self.q_pos.device)
+        pos = self.q_pos.tolist()
+        blocks = []
+        for start in range(0, len(pos), self.block):
+            end = min(start + self.block, len(pos))
+            kv_len = pos[end - 1] + 1
+            hidden = key_pos[None, :kv_len] > self.q_pos[start:end, None]
+            mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.q_pos.device).masked_fill_(hidden, float("-inf"))
+            blocks.append((start, end, kv_len, mask.repeat(self.group, 1)))
+        return blocks
 
 
 def plan_attention(
     q_pos: torch.Tensor, n_keys: int, group: int, block: int = 128, dtype: torch.dtype = torch.float32
 ) -> AttentionPlan:
-    """Blocks of <= `block` queries in position order; each block's mask covers its key range.
-
-    Masks are additive in the queries' dtype: SDPA's CPU kernel adds them ~10% faster than it
-    applies boolean ones, and they are built once for every layer."""
+    """The plan for queries at q_pos (strictly increasing) over n_keys keys, shared by every layer."""
     if q_pos.numel() and (q_pos.diff() <= 0).any():
         raise ValueError("query positions must be strictly increasing")
     if q_pos.numel() and int(q_pos[-1]) >= n_keys:
         raise ValueError(f"query position {int(q_pos[-1])} is past the {n_keys} keys")
-    full = q_pos.numel() == n_keys
-    plan = AttentionPlan(q_pos=q_pos, n_keys=n_keys, full_causal=full)
-    if full:
-        return plan
-    key_pos = torch.arange(n_keys, device=q_pos.device)
-    pos = q_pos.tolist()
-    for start in range(0, len(pos), block):
-        end = min(start + block, len(pos))
-        kv_len = pos[end - 1] + 1
-        hidden = key_pos[None, :kv_len] > q_pos[start:end, None]
-        mask = torch.zeros(hidden.shape, dtype=dtype, device=q_pos.device).masked_fill_(hidden, float("-inf"))
-        plan.blocks.append((start, end, kv_len, mask.repeat(group, 1)))
-    return plan
+    return AttentionPlan(q_pos, n_keys, q_pos.numel() == n_keys, group, block, dtype)
 
 
 def selected_attention_torch(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
@@ -90,4 +98,6 @@ def selected_attention(
         from kvblend.kernels.triton_attention import selected_attention_triton
 
         return selected_attention_triton(q, k, v, plan.q_pos, scale)
+    if backend == "auto" and cpu_attention.supports(q, k, v):
+        return cpu_attention.selected_attention_cpu(q, k, v, plan.q_pos, scale)
     return selected_attention_torch(q, k, v, plan, scale)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Literal
@@ -45,7 +45,7 @@ class Prefill:
     """A prompt's KV for every layer plus its last-token logits: what decoding starts from."""
 
     ids: torch.Tensor
-    cache: object  # transformers DynamicCache
+    cache: object  # transformers DynamicCache (None when the caller gave kv_out)
     logits: torch.Tensor
     stats: RequestStats
 
@@ -147,12 +147,17 @@ class KVBlend:
         return self.builder.build(list(chunks), question)
 
     def prefill(self, chunks: list[str], question: str, method: Method = "blend", config: BlendConfig | None = None,
-                profile: bool = False, prompt: Prompt | None = None) -> Prefill:
+                profile: bool = False, prompt: Prompt | None = None,
+                kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Prefill:
         """Run the prompt's prefill by `method`; the result holds the cache and first-token logits.
 
-        `prompt` is `build_prompt(chunks, question)` when the caller has built it already."""
+        `prompt` is `build_prompt(chunks, question)` when the caller has built it already. With
+        `kv_out` (blend and reuse only: per-layer destinations, see `BlendExecutor.run`) the fused
+        KV is written there and the result's cache is None."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if kv_out is not None and method == "full":
+            raise ValueError("kv_out is for blend and reuse; full prefill makes its own cache")
         t0 = time.perf_counter()
         if prompt is None:
             prompt = self.build_prompt(chunks, question)
@@ -182,8 +187,9 @@ class KVBlend:
             stats.stages_s["lookup"] = time.perf_counter() - t0
             cfg = REUSE if method == "reuse" else (config or self.config.blend)
             stats.recompute_ratio = cfg.recompute_ratio
-            out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile)
-            cache, logits = to_dynamic_cache(self.model.config, out.keys, out.values), out.logits
+            out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile, kv_out=kv_out)
+            cache = None if kv_out is not None else to_dynamic_cache(self.model.config, out.keys, out.values)
+            logits = out.logits
             stats.tokens_cached = sum(s.kv.num_tokens for s in spans)
             stats.tokens_recomputed = out.selected.numel()
             stats.stages_s.update(out.timings)

@@ -35,14 +35,15 @@ def dense_attention(q, k, v, q_pos, scale):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize("block", [3, 128])
-def test_scattered_selection_matches_dense_masked_attention(heads, kv_heads, block):
+@pytest.mark.parametrize("backend", ["torch", "auto"])  # auto: the C++ kernel on CPU
+def test_scattered_selection_matches_dense_masked_attention(heads, kv_heads, block, backend):
     torch.manual_seed(0)
     n, d = 57, 16
     q_pos = torch.tensor(sorted(torch.randperm(n)[:19].tolist()))  # scattered, not a suffix
     q = torch.randn(heads, q_pos.numel(), d)
     k, v = torch.randn(kv_heads, n, d), torch.randn(kv_heads, n, d)
     plan = plan_attention(q_pos, n, heads // kv_heads, block)
-    out = selected_attention(q, k, v, plan, d**-0.5)
+    out = selected_attention(q, k, v, plan, d**-0.5, backend=backend)
     torch.testing.assert_close(out, dense_attention(q, k, v, q_pos, d**-0.5), atol=1e-5, rtol=1e-5)
 
 
@@ -89,6 +90,26 @@ def test_sink_tokens_are_recomputed(kb):
     out = ex.run(torch.tensor(prompt.ids), spans, config=BlendConfig(recompute_ratio=0.2, sink_tokens=2))
     for s in spans:
         assert {s.start, s.start + 1} <= set(out.selected.tolist())
+
+
+@pytest.mark.parametrize("method", ["blend", "reuse"])
+def test_blend_into_given_buffers_equals_blend_into_fresh_ones(kb, method):
+    """kv_out (how the vLLM engine blends straight into its hand-off file) changes nothing but where KV lands."""
+    m = kb.adapter
+    n = len(kb.build_prompt(CHUNKS, QUESTION).ids)
+    ref = kb.prefill(CHUNKS, QUESTION, method)
+    layers = [(torch.full((m.num_kv_heads, n, m.head_dim), float("nan")), torch.full((m.num_kv_heads, n, m.head_dim), float("nan")))
+              for _ in range(m.num_layers)]
+    pre = kb.prefill(CHUNKS, QUESTION, method, kv_out=layers)
+    assert pre.cache is None and torch.equal(pre.logits, ref.logits)
+    for (k, v), layer in zip(layers, ref.cache.layers):
+        assert torch.equal(k, layer.keys[0]) and torch.equal(v, layer.values[0])  # every row written (no NaN left)
+    with pytest.raises(ValueError, match=r"kv_out layer 0: \(1, 3, 2\)"):
+        kb.prefill(CHUNKS, QUESTION, method, kv_out=[(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))] * m.num_layers)
+    with pytest.raises(ValueError, match="kv_out has 1 layers"):
+        kb.prefill(CHUNKS, QUESTION, method, kv_out=layers[:1])
+    with pytest.raises(ValueError, match="kv_out is for blend and reuse"):
+        kb.prefill(CHUNKS, QUESTION, "full", kv_out=layers)
 
 
 def test_config_validation():

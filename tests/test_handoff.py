@@ -8,6 +8,16 @@ from safetensors import safe_open
 from kvblend.engines.vllm_handoff import SPARES, HandoffDir, layer_kv, prompt_digest
 
 
+def _write(hd, ids, keys, values):
+    """What the engine does: fill the hand-off's views in place."""
+    with hd.filling(ids, len(keys), keys[0].shape[0], keys[0].shape[2], keys[0].dtype) as (key, layers):
+        for (k, v), src_k, src_v in zip(layers, keys, values):
+            k.copy_(src_k)
+            v.copy_(src_v)
+        del layers, k, v
+    return key
+
+
 def _kv(layers: int, n: int, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     keys = [torch.randn(3, n, 8, generator=g).to(dtype) for _ in range(layers)]
@@ -21,7 +31,7 @@ def test_written_file_reads_back_exactly(tmp_path, dtype):
     ids = list(range(100, 117))
     keys, values = _kv(3, len(ids), dtype)
     keys[1] = keys[1].transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous input
-    key = hd.write(ids, keys, values)
+    key = _write(hd, ids, keys, values)
     header = hd.header(key)
     assert header.num_tokens == len(ids) - 1 and header.digest == prompt_digest(ids[:-1])
     with hd.open(key) as reader:
@@ -36,19 +46,19 @@ def test_written_file_reads_back_exactly(tmp_path, dtype):
 
 def test_loaded_files_are_reused_then_cleared(tmp_path):
     hd = HandoffDir(tmp_path)
-    big = hd.write(list(range(40)), *_kv(2, 40))
+    big = _write(hd, list(range(40)), *_kv(2, 40))
     inode = os.stat(hd.path(big)).st_ino
     hd.release(big)
     assert not hd.path(big).exists() and len(list(tmp_path.glob("spare-*"))) == 1
     ids = list(range(7, 30))  # smaller: the spare shrinks to fit
     keys, values = _kv(2, len(ids), seed=1)
-    small = hd.write(ids, keys, values)
+    small = _write(hd, ids, keys, values)
     assert os.stat(hd.path(small)).st_ino == inode and not list(tmp_path.glob("spare-*"))
     with hd.open(small) as reader:
         k, v = layer_kv(reader, 1, 0, len(ids))
         assert torch.equal(v, values[1].transpose(0, 1))
     assert hd.header(small).digest == prompt_digest(ids[:-1])
-    written = [hd.write(list(range(5)), *_kv(1, 5)) for _ in range(SPARES + 2)]
+    written = [_write(hd, list(range(5)), *_kv(1, 5)) for _ in range(SPARES + 2)]
     for key in written:
         hd.release(key)
     hd.release(small)
@@ -60,10 +70,14 @@ def test_loaded_files_are_reused_then_cleared(tmp_path):
 
 def test_bad_input_names_the_problem(tmp_path):
     hd = HandoffDir(tmp_path)
-    with pytest.raises(ValueError, match="all 5 prompt tokens"):
-        hd.write(list(range(5)), *_kv(1, 4))
+    with pytest.raises(ValueError, match="at least 2 prompt tokens, got 1"):
+        _write(hd, [7], *_kv(1, 1))
+    with pytest.raises(RuntimeError, match="blend failed"):  # the filler's error: the file is not published
+        with hd.filling(list(range(5)), 1, 3, 8, torch.float32) as (key, layers):
+            raise RuntimeError("blend failed")
+    assert not hd.path(key).exists()
     with pytest.raises(ValueError, match="k.0: dtype torch.int32"):
-        hd.write(list(range(5)), [torch.zeros(3, 5, 8, dtype=torch.int32)], [torch.zeros(3, 5, 8, dtype=torch.int32)])
+        _write(hd, list(range(5)), [torch.zeros(3, 5, 8, dtype=torch.int32)], [torch.zeros(3, 5, 8, dtype=torch.int32)])
     assert not any(tmp_path.iterdir())  # nothing half-written left behind
     with pytest.raises(ValueError, match="not a hand-off key"):
         hd.release("../../etc/passwd")

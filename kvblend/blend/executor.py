@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,7 +21,16 @@ import torch
 
 from kvblend.blend.selection import budget, keep_top, query_attention, rank_scores
 from kvblend.config import BlendConfig
-from kvblend.kernels import kv_deviation, plan_attention, rope_realign, rope_realign_span, rotate, scatter_rows, selected_attention
+from kvblend.kernels import (
+    kv_deviation,
+    plan_attention,
+    rope_realign,
+    rope_realign_span,
+    rotate,
+    rotate_into,
+    scatter_rows,
+    selected_attention,
+)
 from kvblend.models.adapter import LayerwiseModel
 
 
@@ -99,8 +109,12 @@ class BlendExecutor:
         question_start: int | None = None,
         config: BlendConfig | None = None,
         profile: bool = False,
+        kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> BlendOutput:
-        """Blend one prompt: ids [N] with cached spans (any order of hits and fresh text)."""
+        """Blend one prompt: ids [N] with cached spans (any order of hits and fresh text).
+
+        `kv_out` gives each layer's (keys, values) destination [KV, N, D] (e.g. views into a
+        hand-off file) in place of fresh buffers."""
         cfg = self._checked(config or self.config)
         m, dev = self.m, self.m.device
         n = ids.numel()
@@ -119,6 +133,8 @@ class BlendExecutor:
             is_cached[s.start : s.end] = True
         if spans and (spans[-1].end > n or is_cached[-1]):
             raise ValueError("the last prompt token must be fresh (end the prompt with the question)")
+        if kv_out is not None:
+            self._check_destinations(kv_out, n)
         is_cached = is_cached.to(dev)
         n_cached = int(is_cached.sum())
         watch = Stopwatch(profile, dev)
@@ -146,11 +162,15 @@ class BlendExecutor:
             with watch("qkv"):
                 q, k, v = m.qkv(i, h)
             all_active = active.numel() == n
+            out = None if kv_out is None else kv_out[i]
             if all_active and i not in checks:
                 with watch("rope"):
-                    keys, values = rotate(k, cos[:n], sin[:n]), v
+                    if out is None:
+                        keys, values = rotate(k, cos[:n], sin[:n]), v
+                    else:
+                        keys, values = rotate_into(k, cos[:n], sin[:n], out[0]), out[1].copy_(v)
             else:
-                keys, values = self._fused_buffers(i, spans, n, cos, sin, k, cfg.backend, watch)
+                keys, values = self._fused_buffers(i, spans, n, cos, sin, k, cfg.backend, watch, out)
             keep = None
             if i in checks:
                 with watch("select"):
@@ -178,11 +198,25 @@ class BlendExecutor:
         selected = active_before_last[is_cached[active_before_last]]
         return BlendOutput(keys_out, values_out, logits, selected, dict(watch.totals))
 
-    def _fused_buffers(self, i, spans, n, cos, sin, k_fresh, backend, watch):
-        """Layer i's buffers with every cached row realigned (fresh rows are scattered after)."""
-        kv_heads, d = k_fresh.shape[0], k_fresh.shape[2]
-        keys = torch.empty((kv_heads, n, d), dtype=k_fresh.dtype, device=k_fresh.device)
-        values = torch.empty_like(keys)
+    def _check_destinations(self, kv_out, n):
+        m = self.m
+        want = (m.num_kv_heads, n, m.head_dim)
+        if len(kv_out) != m.num_layers:
+            raise ValueError(f"kv_out has {len(kv_out)} layers, the model {m.num_layers}")
+        for i, pair in enumerate(kv_out):
+            for t in pair:
+                if tuple(t.shape) != want or t.dtype != m.dtype or t.device != m.device:
+                    raise ValueError(f"kv_out layer {i}: {tuple(t.shape)} {t.dtype} on {t.device}, "
+                                     f"expected {want} {m.dtype} on {m.device}")
+
+    def _fused_buffers(self, i, spans, n, cos, sin, k_fresh, backend, watch, out=None):
+        """Layer i's buffers (`out` or fresh) with every cached row realigned (fresh rows are scattered after)."""
+        if out is None:
+            kv_heads, d = k_fresh.shape[0], k_fresh.shape[2]
+            keys = torch.empty((kv_heads, n, d), dtype=k_fresh.dtype, device=k_fresh.device)
+            values = torch.empty_like(keys)
+        else:
+            keys, values = out
         for s in spans:
             with watch("load"):
                 ck, cv = s.kv.layer(i)

@@ -63,7 +63,7 @@ class Prepared:
 
 def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str, method: str,
             config: BlendConfig | None, max_model_len: int) -> Prepared:
-    """Build the prompt; for blend/reuse with at least one cached chunk, blend and write the hand-off.
+    """Build the prompt; for blend/reuse with at least one cached chunk, blend into a hand-off file.
 
     With no chunk in the store, blending would be a slow full prefill, so vLLM prefills instead.
     A prompt over vLLM's max_model_len goes to vLLM untouched, which rejects it with its own error.
@@ -77,12 +77,11 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
     chunk_ids = [seg.ids for seg in prompt.segments if seg.chunk is not None]
     if method in ("blend", "reuse") and len(ids) <= max_model_len:
         if any(kb.store.contains(kb.key_for(c)) for c in chunk_ids):
-            pre = kb.prefill(chunks, question, method, config, prompt=prompt)
-            t1 = time.perf_counter()
-            layers = pre.cache.layers
-            key = handoff.write(ids, [layer.keys[0] for layer in layers], [layer.values[0] for layer in layers])
+            m = kb.adapter
+            with handoff.filling(ids, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype) as (key, layers):
+                pre = kb.prefill(chunks, question, method, config, prompt=prompt, kv_out=layers)  # blends into the file
+                del layers
             stats = VLLMRequestStats(**pre.stats.as_dict())
-            stats.stages_s["handoff"] = time.perf_counter() - t1
             stats.stages_s["prepare"] = time.perf_counter() - t0
             return Prepared(ids, stats, key)
         stats.chunk_misses = len(chunk_ids)

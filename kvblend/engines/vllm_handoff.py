@@ -4,15 +4,16 @@ The blend runs in the process that holds the transformers model; vLLM's worker i
 (spawned) process. One request's fused KV travels as one safetensors file in a folder both can
 read, by default a per-user folder in /dev/shm (RAM, no disk I/O):
 
-- tensors `k.<layer>` / `v.<layer>`, each [kv_heads, N, head_dim]: the whole prompt's fused KV as
-  the blend left it (keys rotated at absolute positions), so writing needs no transposed copy;
+- tensors `k.<layer>` / `v.<layer>`, each [kv_heads, N, head_dim]: the whole prompt's fused KV
+  (keys rotated at absolute positions), the blend's own buffer layout, so the blend writes into
+  the mapped file directly (`HandoffDir.filling`) with no buffer of its own and no copy;
 - metadata `num_tokens` (the N-1 tokens vLLM takes; it computes the last one itself) and
   `digest`, a hash of those tokens' ids, so a hand-off is never applied to another prompt.
 
-The file is written atomically (temporary name, then rename). Once the worker has loaded it, the
-file becomes a spare (up to `SPARES` per folder) that the next write fills in place through a
-map: fresh shared-memory pages cost 3-12x more to write than pages already in use (measured in
-processes hosting vLLM: 0.08-0.38 s for 170 MB fresh, ~0.03 s reused). The producer removes
+The file is published atomically (temporary name, then rename). Once the worker has loaded it,
+the file becomes a spare (up to `SPARES` per folder) that the next request fills in place: fresh
+shared-memory pages cost 3-12x more to write than pages already in use (measured in processes
+hosting vLLM: 0.08-0.38 s for 170 MB fresh, ~0.03 s reused). The producer removes
 the file again when the request ends, in case the worker never got to it; `clear_spares` frees
 the spares when an engine or server starts and stops.
 """
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,21 +75,40 @@ class HandoffDir:
             raise ValueError(f"not a hand-off key: {key!r}")
         return self.folder / f"{key}.safetensors"
 
-    def write(self, ids: Sequence[int], keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> str:
-        """Store a prompt's per-layer KV ([kv_heads, N, head_dim], N = len(ids)); returns its key."""
+    @contextmanager
+    def filling(self, ids: Sequence[int], num_layers: int, kv_heads: int, head_dim: int,
+                dtype: torch.dtype) -> Iterator[tuple[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """A prompt's hand-off to fill in place: yields (key, per-layer (keys, values) views
+        [kv_heads, N, head_dim] into the mapped file), published under key when the block ends.
+
+        The blend writes its fused KV straight into these views: no 170 MB buffer to allocate
+        (fresh pages fault) and no copy. Drop every view before the block ends."""
         n = len(ids)
-        if n < 2 or any(k.shape[1] != n for k in keys):
-            raise ValueError(f"hand-off needs KV for all {n} prompt tokens (and at least 2 tokens)")
+        if n < 2:
+            raise ValueError(f"hand-off needs at least 2 prompt tokens, got {n}")
         key = uuid.uuid4().hex
-        self.save(key, HandoffHeader(n - 1, prompt_digest(ids[: n - 1])), keys, values)
-        return key
+        shape = (kv_heads, n, head_dim)
+        names = [f"k.{i}" for i in range(num_layers)] + [f"v.{i}" for i in range(num_layers)]
+        with self._mapped(key, HandoffHeader(n - 1, prompt_digest(ids[: n - 1])), [(name, shape, dtype) for name in names]) as views:
+            yield key, [(views[f"k.{i}"], views[f"v.{i}"]) for i in range(num_layers)]
+            views.clear()
 
     def save(self, key: str, header: HandoffHeader, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
         """Atomically write per-layer KV [kv_heads, >= header.num_tokens, head_dim] under key."""
-        tensors = [(f"k.{i}", k.contiguous()) for i, k in enumerate(keys)]
-        tensors += [(f"v.{i}", v.contiguous()) for i, v in enumerate(values)]
-        head = safetensors_header(tensors, {"num_tokens": str(header.num_tokens), "digest": header.digest})
-        size = len(head) + sum(t.numel() * t.element_size() for _, t in tensors)
+        tensors = [(f"k.{i}", k) for i, k in enumerate(keys)] + [(f"v.{i}", v) for i, v in enumerate(values)]
+        with self._mapped(key, header, [(name, t.shape, t.dtype) for name, t in tensors]) as views:
+            for name, t in tensors:  # torch's copy runs on all its threads
+                views[name].copy_(t)
+            del views
+
+    @contextmanager
+    def _mapped(self, key: str, header: HandoffHeader,
+                layout: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> Iterator[dict[str, torch.Tensor]]:
+        """A file (a spare when there is one) mapped as named tensors; renamed to key's path on success."""
+        head = safetensors_header(layout, {"num_tokens": str(header.num_tokens), "digest": header.digest})
+        sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in layout]
+        size = len(head) + sum(sizes)
+        target = self.path(key)
         tmp = self._claim_spare() or self.folder / f"{uuid.uuid4().hex}.tmp"
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
@@ -96,16 +118,20 @@ class HandoffDir:
                 mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
             finally:
                 os.close(fd)
-            with mapped:
-                mapped[: len(head)] = head
-                data = torch.frombuffer(mapped, dtype=torch.uint8)
-                at = len(head)
-                for _, t in tensors:  # torch's copy runs on all its threads
-                    nbytes = t.numel() * t.element_size()
-                    data[at : at + nbytes].copy_(t.reshape(-1).view(torch.uint8))
-                    at += nbytes
-                del data  # the map cannot close while a tensor exports it
-            os.replace(tmp, self.path(key))
+            mapped[: len(head)] = head
+            data = torch.frombuffer(mapped, dtype=torch.uint8)
+            views, at = {}, len(head)
+            for (name, shape, dtype), nbytes in zip(layout, sizes):
+                views[name] = data[at : at + nbytes].view(dtype).view(shape)
+                at += nbytes
+            del data
+            yield views
+            del views
+            try:
+                mapped.close()
+            except BufferError:  # a caller still holds a view: the map closes when the last one goes
+                pass
+            os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -154,15 +180,15 @@ class HandoffDir:
             self.path(key).unlink(missing_ok=True)
 
 
-def safetensors_header(tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> bytes:
-    """The safetensors header (length + JSON, padded to 8 bytes) for contiguous tensors laid out in order."""
+def safetensors_header(layout: Sequence[tuple[str, Sequence[int], torch.dtype]], metadata: dict[str, str]) -> bytes:
+    """The safetensors header (length + JSON, padded to 8 bytes) for (name, shape, dtype) laid out in order."""
     entries: dict[str, object] = {"__metadata__": metadata}
     at = 0
-    for name, t in tensors:
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"hand-off tensor {name}: dtype {t.dtype} is not one of {sorted(map(str, _DTYPES))}")
-        nbytes = t.numel() * t.element_size()
-        entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + nbytes]}
+    for name, shape, dtype in layout:
+        if dtype not in _DTYPES:
+            raise ValueError(f"hand-off tensor {name}: dtype {dtype} is not one of {sorted(map(str, _DTYPES))}")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        entries[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + nbytes]}
         at += nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
