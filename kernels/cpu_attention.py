@@ -37,8 +37,11 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+TORCH_LIB = Path(torch.__file__).parent / "lib"  # libtorch_cpu exports MKL's sgemm_; the libgomp there is torch's
+
+
 def _build(compiler: str, target: Path) -> None:
-    torch_lib = Path(torch.__file__).parent / "lib"  # libtorch_cpu exports MKL's sgemm_; its libgomp is torch's
+    torch_lib = TORCH_LIB
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
@@ -55,7 +58,7 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C++ compiler found: the blend's CPU attention runs torch's SDPA (slower); install g++")
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, torch.__version__, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, str(TORCH_LIB), torch.__version__, _cpu_flags()]).encode())
     target = kvblend_home() / "kernels" / f"cpu_attention-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():

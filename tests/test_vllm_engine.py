@@ -190,3 +190,13 @@ def test_saved_prompt_kv_matches_transformers(engine):
         for i, layer in enumerate(cache.layers):
             torch.testing.assert_close(reader.get_tensor(f"k.{i}"), layer.keys[0, :, :-1], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(reader.get_tensor(f"v.{i}"), layer.values[0, :, :-1], atol=1e-4, rtol=1e-4)
+
+
+def test_vllm_workers_run_on_tcmalloc(engine):
+    """vLLM's CPU guide asks for tcmalloc in its workers; the engine preloads the system's copy."""
+    import psutil
+
+    assert "libtcmalloc" in os.environ.get("LD_PRELOAD", "")
+    children = psutil.Process().children(recursive=True)
+    maps = [open(f"/proc/{p.pid}/maps").read() for p in children if p.is_running()]
+    assert maps and any("libtcmalloc" in m for m in maps)
