@@ -1,9 +1,11 @@
 """Kernel benchmark: achieved GB/s (memory-bound kernels) and TFLOP/s (attention) of the Triton
-kernels beside their torch references, in one run, against the device's peak.
+kernels (and, on CPU, the C++ attention kernel) beside their torch references, in one run,
+against the device's peak.
 
 Default sizes are Llama-3-8B's (32 heads, 8 KV heads, head_dim 128) at 4k–32k prompt tokens with
-r = 0.15 of them selected. On CPU it is a smoke run at 256 tokens: torch only, plus the Triton
-kernels when TRITON_INTERPRET=1 (whose figures measure the interpreter, not a kernel).
+r = 0.15 of them selected. On CPU it is a smoke run at 256 tokens: torch and the C++ attention
+kernel (backend auto), plus the Triton kernels when TRITON_INTERPRET=1 (whose figures measure
+the interpreter, not a kernel).
 
     python -m kvblend.kernels.bench [--device cuda] [--tokens 4096 32768] [--dtype bfloat16]
 """
@@ -19,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvblend.kernels import kv_deviation, plan_attention, rope_realign, scatter_rows, scatter_rows_paged, selected_attention
+from kvblend.kernels import cpu_attention
 from kvblend.kernels.dispatch import triton_available
 
 # name fragment → (memory bytes/s, dense fp16/bf16 tensor FLOP/s); the first fragment found wins
@@ -111,7 +114,8 @@ def bench_kernels(
     """One row per (kernel, tokens, backend): ms, achieved GB/s or TFLOP/s, and % of the device's peak.
 
     tokens defaults to 4k/16k/32k on CUDA and 256 on CPU; dtype to bf16 on CUDA and fp32 on CPU;
-    backends to torch plus triton wherever Triton can run (CUDA, or CPU under TRITON_INTERPRET=1).
+    backends to torch plus triton wherever Triton can run (CUDA, or CPU under TRITON_INTERPRET=1),
+    plus auto on CPU in fp32 (the C++ attention kernel).
     `repeats` applies to CPU timing (CUDA uses do_bench's own).
     """
     device = torch.device(device)
@@ -121,6 +125,8 @@ def bench_kernels(
     if backends is None:
         interpreting = os.environ.get("TRITON_INTERPRET") == "1"
         backends = ("torch", "triton") if triton_available() and (on_cuda or interpreting) else ("torch",)
+        if not on_cuda and dtype == torch.float32 and cpu_attention.available():
+            backends += ("auto",)  # selected_attention's C++ kernel; the other kernels are torch there
     peak_bytes, peak_flops = device_peaks(device, dtype)
     rows = []
     for n in tokens:

@@ -1,11 +1,11 @@
 """The C++ selected-query attention kernel for CPU fp32 (cpu_attention.cpp): built on first use
 with the machine's C++ compiler, cached under `$KVBLEND_HOME/kernels`, loaded with ctypes.
 
-Against torch's SDPA over kvblend's masked blocks it is 1.3-1.4x faster for a blend's scattered
-queries and 1.2-1.3x for a full causal prefill (SmolLM2-135M shapes, 2 threads; `kvblend bench
-kernels`): no mask tensor is read and no key past a query's position is multiplied. Where it
-cannot be built (no compiler, a torch without MKL's sgemm), `available()` is False and the torch
-path runs, with one warning.
+On SmolLM2-135M's shapes (9 query / 3 KV heads, d = 64, 3,725 keys, 2 threads) it takes 15 ms
+where torch's SDPA over kvblend's masked blocks takes 22 for a blend's 630 scattered queries, and
+80 ms against SDPA's 93 for a full causal prefill: no mask tensor is read and no key past a
+query's position is multiplied. Where it cannot be built (no compiler, a torch without MKL's
+sgemm), `available()` is False and the torch path runs, with one warning.
 """
 from __future__ import annotations
 
@@ -41,11 +41,10 @@ TORCH_LIB = Path(torch.__file__).parent / "lib"  # libtorch_cpu exports MKL's sg
 
 
 def _build(compiler: str, target: Path) -> None:
-    torch_lib = TORCH_LIB
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(built), f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+        cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(built), f"-L{TORCH_LIB}", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_LIB}"]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stderr.strip()[-2000:]}")

@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+from tiny import dense_attention
+
 from kvblend import BlendConfig, KVBlend
 from kvblend.kernels import plan_attention, selected_attention
 from kvblend.models import UnsupportedModelError
@@ -22,15 +24,6 @@ def kb(tiny_models):
     kb = KVBlend(model=str(tiny_models["qwen3"]))
     kb.precompute(CHUNKS)
     return kb
-
-
-def dense_attention(q, k, v, q_pos, scale):
-    """Textbook attention with repeated KV heads and an explicit [S, N] mask."""
-    group = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-    scores = (q @ k.transpose(1, 2)) * scale
-    mask = torch.arange(k.shape[1])[None, :] <= q_pos[:, None]
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (8, 1)])

@@ -4,15 +4,9 @@ import logging
 import pytest
 import torch
 
+from tiny import dense_attention
+
 from kvblend.kernels import cpu_attention, plan_attention, selected_attention
-
-
-def dense_attention(q, k, v, q_pos, scale):
-    group = q.shape[0] // k.shape[0]
-    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
-    scores = (q @ k.transpose(1, 2)) * scale
-    mask = torch.arange(k.shape[1])[None, :] <= q_pos[:, None]
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
 def test_the_kernel_builds_here():

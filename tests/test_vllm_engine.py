@@ -194,7 +194,12 @@ def test_saved_prompt_kv_matches_transformers(engine):
 
 def test_vllm_workers_run_on_tcmalloc(engine):
     """vLLM's CPU guide asks for tcmalloc in its workers; the engine preloads the system's copy."""
+    import ctypes.util
+
     import psutil
+
+    if ctypes.util.find_library("tcmalloc_minimal") is None:
+        pytest.skip("libtcmalloc_minimal is not installed here (Debian: libtcmalloc-minimal4; CI installs it)")
 
     assert "libtcmalloc" in os.environ.get("LD_PRELOAD", "")
     children = psutil.Process().children(recursive=True)

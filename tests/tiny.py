@@ -1,4 +1,4 @@
-"""Tiny random-weight models and a byte-level tokenizer for fast unit tests (no downloads)."""
+"""Tiny random-weight models, a byte-level tokenizer and a textbook attention for fast unit tests (no downloads)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -55,3 +55,12 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, layers: in
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def dense_attention(q, k, v, q_pos, scale):
+    """Textbook attention with repeated KV heads and an explicit [S, N] mask."""
+    group = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    scores = (q @ k.transpose(1, 2)) * scale
+    mask = torch.arange(k.shape[1])[None, :] <= q_pos[:, None]
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
