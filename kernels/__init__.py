@@ -10,5 +10,5 @@ from kvblend.kernels.selected_attention import AttentionPlan, plan_attention, se
 
 __all__ = [
     "AttentionPlan", "kv_deviation", "plan_attention", "rope_realign", "rope_realign_span", "rotate",
-    "rotate_into",     "scatter_rows", "scatter_rows_paged", "selected_attention",
+    "rotate_into", "scatter_rows", "scatter_rows_paged", "selected_attention",
 ]

@@ -26,7 +26,10 @@ from kvblend.config import kvblend_home
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+if platform.machine() in ("x86_64", "AMD64"):
+    FLAGS.append("-mprefer-vector-width=512")  # gcc keeps AVX-512 machines on 256-bit vectors otherwise
+TORCH_LIB = Path(torch.__file__).parent / "lib"  # libtorch_cpu exports MKL's sgemm_; the libgomp there is torch's
 Q_TILE, K_TILE = 64, 256  # queries (times the GQA group) and keys per tile; tuned on SmolLM2-135M shapes
 
 
@@ -35,9 +38,6 @@ def _cpu_flags() -> str:
         return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         return platform.processor()
-
-
-TORCH_LIB = Path(torch.__file__).parent / "lib"  # libtorch_cpu exports MKL's sgemm_; the libgomp there is torch's
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -86,6 +86,11 @@ def selected_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     lib = _library()
     if lib is None:
         raise RuntimeError("the C++ attention kernel is unavailable (see the warning logged when it was built)")
+    (heads, s, d), (kv_heads, n, _) = q.shape, k.shape
+    if heads % kv_heads or k.shape != v.shape or k.shape[2] != d or q_pos.shape != (s,):
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, q_pos {tuple(q_pos.shape)}")
+    if s and (int(q_pos[-1]) >= n or int(q_pos[0]) < 0 or (q_pos.diff() <= 0).any()):
+        raise ValueError(f"query positions must be strictly increasing within the {n} keys")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     q_pos = q_pos.to(torch.int64).contiguous()
     out = torch.empty_like(q)

@@ -47,6 +47,16 @@ def test_non_contiguous_inputs_and_other_dtypes():
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
 
 
+def test_bad_shapes_and_positions_are_refused_before_the_kernel_runs():
+    q, k, v = torch.randn(4, 3, 8), torch.randn(2, 10, 8), torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match="within the 10 keys"):
+        cpu_attention.selected_attention_cpu(q, k, v, torch.tensor([1, 2, 10]), 0.3)  # past the keys
+    with pytest.raises(ValueError, match="strictly increasing"):
+        cpu_attention.selected_attention_cpu(q, k, v, torch.tensor([1, 1, 2]), 0.3)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        cpu_attention.selected_attention_cpu(torch.randn(3, 3, 8), k, v, torch.tensor([1, 2, 3]), 0.3)
+
+
 def test_no_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("KVBLEND_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
