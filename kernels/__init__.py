@@ -1,6 +1,7 @@
 """The blend's four hot operations, each with a plain-torch reference and a Triton kernel.
 
-`backend="auto"` runs Triton on CUDA tensors and torch elsewhere; the blend executor calls only
+`backend="auto"` runs Triton on CUDA tensors, the C++ kernel for selected-query attention on CPU
+in fp32 (cpu_attention.cpp, where it builds) and torch elsewhere; the blend executor calls only
 the functions exported here.
 """
 from kvblend.kernels.kv_deviation import kv_deviation

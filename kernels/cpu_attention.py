@@ -19,10 +19,14 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvblend.config import kvblend_home
+
+if TYPE_CHECKING:
+    from kvblend.kernels.selected_attention import AttentionPlan
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_attention.cpp")
@@ -81,20 +85,19 @@ def supports(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and available()
 
 
-def selected_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [H, S, D] at positions q_pos [S] (strictly increasing) over k, v [KV, N, D] → [H, S, D]."""
+def selected_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """q [H, S, D] at plan.q_pos over k, v [KV, N, D] → [H, S, D]; `plan_attention` has checked the
+    positions (strictly increasing, within its n_keys), so only the shapes are checked here."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the C++ attention kernel is unavailable (see the warning logged when it was built)")
     (heads, s, d), (kv_heads, n, _) = q.shape, k.shape
-    if heads % kv_heads or k.shape != v.shape or k.shape[2] != d or q_pos.shape != (s,):
-        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, q_pos {tuple(q_pos.shape)}")
-    if s and (int(q_pos[-1]) >= n or int(q_pos[0]) < 0 or (q_pos.diff() <= 0).any()):
-        raise ValueError(f"query positions must be strictly increasing within the {n} keys")
+    if heads % kv_heads or k.shape != v.shape or k.shape[2] != d or plan.q_pos.shape != (s,) or plan.n_keys != n:
+        raise ValueError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"{plan.q_pos.numel()} planned queries over {plan.n_keys} keys")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    q_pos = q_pos.to(torch.int64).contiguous()
+    q_pos = plan.q_pos.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     lib.kvblend_selected_attention_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), q_pos.data_ptr(),
-                                       q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], scale,
-                                       Q_TILE, K_TILE, torch.get_num_threads())
+                                       heads, kv_heads, s, n, d, scale, Q_TILE, K_TILE, torch.get_num_threads())
     return out

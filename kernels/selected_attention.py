@@ -99,5 +99,5 @@ def selected_attention(
 
         return selected_attention_triton(q, k, v, plan.q_pos, scale)
     if backend == "auto" and cpu_attention.supports(q, k, v):
-        return cpu_attention.selected_attention_cpu(q, k, v, plan.q_pos, scale)
+        return cpu_attention.selected_attention_cpu(q, k, v, plan, scale)
     return selected_attention_torch(q, k, v, plan, scale)

@@ -27,7 +27,7 @@ def test_kernel_matches_reference(heads, kv_heads, dim, n_keys, selection):
     q = torch.randn(heads, q_pos.numel(), dim, generator=g) * 3  # sharp softmaxes too
     k, v = torch.randn(kv_heads, n_keys, dim, generator=g), torch.randn(kv_heads, n_keys, dim, generator=g)
     plan = plan_attention(q_pos, n_keys, heads // kv_heads, block=128)
-    got = cpu_attention.selected_attention_cpu(q, k, v, q_pos, dim**-0.5)
+    got = cpu_attention.selected_attention_cpu(q, k, v, plan, dim**-0.5)
     torch.testing.assert_close(got, dense_attention(q, k, v, q_pos, dim**-0.5), atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(got, selected_attention(q, k, v, plan, dim**-0.5, backend="torch"), atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(selected_attention(q, k, v, plan, dim**-0.5), got, atol=0, rtol=0)  # auto runs it
@@ -40,21 +40,19 @@ def test_non_contiguous_inputs_and_other_dtypes():
     k = torch.randn(100, 2, 32, generator=g).transpose(0, 1)  # [2, 100, 32], not contiguous
     v = torch.randn(2, 100, 32, generator=g)
     expected = dense_attention(q, k, v, q_pos, 0.2)
-    torch.testing.assert_close(cpu_attention.selected_attention_cpu(q, k, v, q_pos, 0.2), expected, atol=2e-5, rtol=2e-5)
-    assert not cpu_attention.supports(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 stays on the torch path
     plan = plan_attention(q_pos, 100, 3)
+    torch.testing.assert_close(cpu_attention.selected_attention_cpu(q, k, v, plan, 0.2), expected, atol=2e-5, rtol=2e-5)
+    assert not cpu_attention.supports(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 stays on the torch path
     out = selected_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, 0.2)
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
 
 
-def test_bad_shapes_and_positions_are_refused_before_the_kernel_runs():
+def test_bad_shapes_are_refused_before_the_kernel_runs():
     q, k, v = torch.randn(4, 3, 8), torch.randn(2, 10, 8), torch.randn(2, 10, 8)
-    with pytest.raises(ValueError, match="within the 10 keys"):
-        cpu_attention.selected_attention_cpu(q, k, v, torch.tensor([1, 2, 10]), 0.3)  # past the keys
-    with pytest.raises(ValueError, match="strictly increasing"):
-        cpu_attention.selected_attention_cpu(q, k, v, torch.tensor([1, 1, 2]), 0.3)
+    with pytest.raises(ValueError, match="3 planned queries over 20 keys"):  # a plan for more keys than given
+        cpu_attention.selected_attention_cpu(q, k, v, plan_attention(torch.tensor([1, 2, 15]), 20, 2), 0.3)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        cpu_attention.selected_attention_cpu(torch.randn(3, 3, 8), k, v, torch.tensor([1, 2, 3]), 0.3)
+        cpu_attention.selected_attention_cpu(torch.randn(3, 3, 8), k, v, plan_attention(torch.tensor([1, 2, 3]), 10, 1), 0.3)
 
 
 def test_no_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, caplog):
@@ -70,7 +68,7 @@ def test_no_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, c
         out = selected_attention(q, k, v, plan_attention(q_pos, 6, 2), 0.5)  # the torch path answers
         torch.testing.assert_close(out, dense_attention(q, k, v, q_pos, 0.5), atol=1e-5, rtol=1e-5)
         with pytest.raises(RuntimeError, match="unavailable"):
-            cpu_attention.selected_attention_cpu(q, k, v, q_pos, 0.5)
+            cpu_attention.selected_attention_cpu(q, k, v, plan_attention(q_pos, 6, 2), 0.5)
     finally:
         monkeypatch.undo()
         cpu_attention._library.cache_clear()

