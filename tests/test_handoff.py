@@ -33,7 +33,7 @@ def test_written_file_reads_back_exactly(tmp_path, dtype):
     keys[1] = keys[1].transpose(0, 1).contiguous().transpose(0, 1)  # a non-contiguous input
     key = _write(hd, ids, keys, values)
     header = hd.header(key)
-    assert header.num_tokens == len(ids) - 1 and header.digest == prompt_digest(ids[:-1])
+    assert header.num_tokens == len(ids) and header.digest == prompt_digest(ids)  # every token's KV
     with hd.open(key) as reader:
         for i in range(3):
             k, v = layer_kv(reader, i, 2, 9)
@@ -57,7 +57,7 @@ def test_loaded_files_are_reused_then_cleared(tmp_path):
     with hd.open(small) as reader:
         k, v = layer_kv(reader, 1, 0, len(ids))
         assert torch.equal(v, values[1].transpose(0, 1))
-    assert hd.header(small).digest == prompt_digest(ids[:-1])
+    assert hd.header(small).digest == prompt_digest(ids)
     written = [_write(hd, list(range(5)), *_kv(1, 5)) for _ in range(SPARES + 2)]
     for key in written:
         hd.release(key)
@@ -70,8 +70,8 @@ def test_loaded_files_are_reused_then_cleared(tmp_path):
 
 def test_bad_input_names_the_problem(tmp_path):
     hd = HandoffDir(tmp_path)
-    with pytest.raises(ValueError, match="at least 2 prompt tokens, got 1"):
-        _write(hd, [7], *_kv(1, 1))
+    with pytest.raises(ValueError, match="empty prompt"):
+        _write(hd, [], *_kv(1, 0))
     with pytest.raises(RuntimeError, match="blend failed"):  # the filler's error: the file is not published
         with hd.filling(list(range(5)), 1, 3, 8, torch.float32) as (key, layers):
             raise RuntimeError("blend failed")

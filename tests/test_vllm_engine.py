@@ -3,6 +3,7 @@
 One `LLM` for the whole module, eager (no torch.compile at start-up). Skipped where vLLM is not installed.
 """
 import os
+import uuid
 
 import pytest
 import torch
@@ -66,8 +67,8 @@ def test_vllm_gives_the_hf_engine_tokens(engine, method):
     chunks = CHUNKS[::-1]
     result = engine.generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method)
     assert result.token_ids == hf_tokens(engine.kb, chunks, method)
-    blended = method != "full"
-    assert result.stats.engine_cached_tokens == (result.stats.tokens_total - 1 if blended else 0)
+    blended = method != "full"  # the whole prompt came from the hand-off; vLLM stepped only the first token
+    assert result.stats.engine_cached_tokens == (result.stats.tokens_total if blended else 0)
     assert result.stats.ttft_s > 0 and only_spares_left(engine)
 
 
@@ -88,8 +89,7 @@ def test_missing_or_damaged_chunk_is_recomputed(engine):
         result = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
         assert result.stats.chunk_misses == 1 and result.stats.chunk_hits == 3
         assert result.token_ids == hf_tokens(kb, CHUNKS)
-        every = result.stats.tokens_total - 1
-        assert result.stats.engine_cached_tokens == every
+        assert result.stats.engine_cached_tokens == result.stats.tokens_total
     finally:
         kb.store.broken.clear()
 
@@ -111,6 +111,42 @@ def test_chunk_damaged_on_disk_mid_request_is_recomputed(engine, tmp_path):
     finally:
         kb.store.close()
         kb.store = original
+
+
+def test_first_token_comes_from_the_blend(engine, monkeypatch):
+    """The blend's own last-token logits give the first token: one token needs no vLLM request at all,
+    and vLLM's continuation (prompt + that token, sampled or greedy) is what the HF engine decodes."""
+    from kvblend.engines.hf import Sampling
+
+    submitted = []
+    add_request = engine.llm.llm_engine.add_request
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", lambda *a, **k: submitted.append(a[0]) or add_request(*a, **k))
+    one = engine.generate(CHUNKS, QUESTION, max_new_tokens=1)
+    assert one.token_ids == hf_tokens(engine.kb, CHUNKS)[:1] and not submitted
+    assert one.stats.engine_cached_tokens == 0 and one.stats.decode_s == 0.0 and only_spares_left(engine)
+    hot = Sampling(temperature=0.9, seed=3)
+    first, again = (engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, sampling=hot) for _ in range(2))
+    assert len(submitted) == 2 and first.token_ids == again.token_ids  # seeded: reproducible
+    assert first.token_ids[0] == engine.kb.generate(CHUNKS, QUESTION, max_new_tokens=1, sampling=hot).token_ids[0]
+
+
+def test_handoff_of_a_prompt_prefix_serves_those_tokens(engine):
+    """A hand-off holds the KV of the tokens a prompt starts with: vLLM takes those and computes the
+    rest; a hand-off of other tokens is ignored (vLLM prefills everything)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    ids = engine.kb.build_prompt(CHUNKS, QUESTION).ids
+    cache, _ = full_prefill(engine.kb.model, torch.tensor(ids))
+    full = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full").token_ids
+    for covered, digest, cached in [(len(ids) - 6, prompt_digest(ids[:-6]), len(ids) - 6), (20, prompt_digest(ids[1:21]), 0)]:
+        key = uuid.uuid4().hex
+        engine.handoff.save(key, HandoffHeader(covered, digest), [x.keys[0, :, :covered] for x in cache.layers],
+                            [x.values[0, :, :covered] for x in cache.layers])
+        params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PARAM: key}})
+        out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        engine.handoff.remove(key)
+        assert out.num_cached_tokens == cached and list(out.outputs[0].token_ids) == full
 
 
 def test_unreadable_handoff_makes_vllm_recompute(engine):
@@ -160,7 +196,7 @@ def test_concurrent_requests_each_get_their_own_cache(engine):
     alone = [engine.generate(c, q, max_new_tokens=TOKENS) for c, q in requests]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert len({tuple(r.token_ids) for r in alone}) > 1
-    assert all(r.stats.engine_cached_tokens == r.stats.tokens_total - 1 for r in together)
+    assert all(r.stats.engine_cached_tokens == r.stats.tokens_total for r in together)
     assert only_spares_left(engine) and any(engine.handoff.folder.glob("spare-*"))  # loaded files kept for reuse
 
 

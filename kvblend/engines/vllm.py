@@ -1,9 +1,11 @@
 """vLLM engine: kvblend blends in this process (transformers), vLLM decodes from the fused KV.
 
-A blended request is prepared here (prompt built, blend run, fused KV written to a hand-off
-file) and submitted to `vllm.LLM` as token ids whose `kv_transfer_params` name the hand-off;
-`KVBlendConnector` loads it into vLLM's paged cache and vLLM computes only the last prompt
-token. Baselines run on vLLM too, so comparisons are like for like: `full` is plain vLLM
+A blended request is prepared here (prompt built, blend run, fused KV of every prompt token
+written to a hand-off file). The blend already computed the last prompt token's logits, so the
+first token is sampled from them at once (vLLM would only recompute them); the prompt plus that
+token go to `vllm.LLM` with `kv_transfer_params` naming the hand-off, `KVBlendConnector` loads
+the prompt's KV into vLLM's paged cache, and vLLM decodes from the second token on, computing
+only the first token's step. Baselines run on vLLM too, so comparisons are like for like: `full` is plain vLLM
 prefill (prefix caching off, no hand-off); `prefix` uses a second `LLM` with automatic prefix
 caching. See docs/vllm.md.
 """
@@ -18,6 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from kvblend.api import GenerateResult, RequestStats
 from kvblend.config import BlendConfig
@@ -72,13 +76,14 @@ class VLLMRequestStats(RequestStats):
 
 @dataclass
 class Prepared:
-    """A request ready for vLLM: its prompt ids and, when blended, its hand-off key."""
+    """A request ready for vLLM: its prompt ids and, when blended, its hand-off key and the
+    blend's last-token logits."""
 
     ids: list[int]
     stats: VLLMRequestStats
     handoff_key: str | None = None
+    logits: torch.Tensor | None = None
     tokens: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
 
 
 def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str, method: str,
@@ -103,7 +108,7 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
                 del layers
             stats = VLLMRequestStats(**pre.stats.as_dict())
             stats.stages_s["prepare"] = time.perf_counter() - t0
-            return Prepared(ids, stats, key)
+            return Prepared(ids, stats, key, pre.logits)
         stats.chunk_misses = len(chunk_ids)
     stats.stages_s["prepare"] = time.perf_counter() - t0
     return Prepared(ids, stats)
@@ -188,12 +193,12 @@ class VLLMEngine:
         time.sleep(max(0.0, self._last_step + WORKER_BUSY_POLL_S - time.perf_counter()))
 
     # -- generation -----------------------------------------------------------------------------
-    def _sampling_params(self, max_new_tokens: int, sampling: Sampling, prepared: Prepared):
+    def _sampling_params(self, max_tokens: int, sampling: Sampling, prepared: Prepared):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         extra = {"kv_transfer_params": {PARAM: prepared.handoff_key}} if prepared.handoff_key else None
-        return SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        return SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                               seed=sampling.seed if sampling.temperature > 0 else None,
                               stop_token_ids=sorted(self.kb.stop_ids), output_kind=RequestOutputKind.DELTA,
                               extra_args=extra)
@@ -201,9 +206,12 @@ class VLLMEngine:
     def _events(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int, method: str,
                 sampling: Sampling | None, config: BlendConfig | None) -> Iterator[tuple[int, Prepared, list[int]]]:
         """Prepare and submit each request in turn (vLLM starts on one while the next blends), then
-        yield (request index, request, new tokens) as vLLM produces them. TTFT counts from the batch's start."""
+        yield (request index, request, new tokens) as they come. A blended request's first token
+        comes from the blend's logits as soon as it ends. TTFT counts from the batch's start."""
         from vllm.inputs import TokensPrompt
 
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         llm = self._llm_for(method)
         engine, sampling = llm.llm_engine, sampling or Sampling()
         started = time.perf_counter()
@@ -214,10 +222,21 @@ class VLLMEngine:
             for i, (chunks, question) in enumerate(requests):
                 p = prepare(self.kb, self.handoff, chunks, question, method, config, self.max_model_len)
                 prepared.append(p)
-                req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
-                engine.add_request(req_id, TokensPrompt(prompt_token_ids=p.ids), self._sampling_params(max_new_tokens, sampling, p))
-                running[req_id] = (i, p)
-                unfinished.add(req_id)
+                prompt, max_tokens, first = p.ids, max_new_tokens, []
+                if p.logits is not None:
+                    first = [sampling.pick(p.logits, torch.Generator().manual_seed(sampling.seed))]
+                    p.tokens, p.stats.ttft_s = list(first), time.perf_counter() - started
+                    prompt, max_tokens = p.ids + first, max_new_tokens - 1
+                    if max_tokens == 0 or first[0] in self.kb.stop_ids or len(prompt) > self.max_model_len:
+                        p.stats.decode_s = 0.0  # done: nothing left for vLLM to decode
+                        max_tokens = 0
+                if max_tokens > 0:
+                    req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
+                    engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt), self._sampling_params(max_tokens, sampling, p))
+                    running[req_id] = (i, p)
+                    unfinished.add(req_id)
+                if first:
+                    yield i, p, first
             while unfinished:
                 outputs = engine.step()
                 self._last_step = time.perf_counter()
@@ -226,15 +245,14 @@ class VLLMEngine:
                         continue
                     i, p = running[out.request_id]
                     new = list(out.outputs[0].token_ids)
-                    now = time.perf_counter()
-                    if new and p.first_token_at is None:
-                        p.first_token_at = now
-                        p.stats.ttft_s = now - started
-                        p.stats.engine_cached_tokens = out.num_cached_tokens or 0
+                    now = time.perf_counter() - started
+                    p.stats.engine_cached_tokens = out.num_cached_tokens or 0
+                    if new and not p.tokens:
+                        p.stats.ttft_s = now
                     p.tokens += new
                     if out.finished:
                         unfinished.discard(out.request_id)
-                        p.stats.decode_s = now - (p.first_token_at or now)
+                        p.stats.decode_s = now - p.stats.ttft_s
                     yield i, p, new
         finally:
             if unfinished:

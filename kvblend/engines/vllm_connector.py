@@ -7,9 +7,9 @@ Loaded by vLLM itself (no patch), in the scheduler process and in each worker:
                      kv_role="kv_both", kv_load_failure_policy="recompute",
                      kv_connector_extra_config={"handoff_dir": ..., "save_dir": ...})
 
-Scheduler side: a request whose `kv_transfer_params` names a hand-off (see `vllm_handoff`) that
-matches its prompt gets every prompt token but the last reported as externally computed, so vLLM
-computes only the last token (the first output's logits) and decodes. Anything else passes
+Scheduler side: a request whose `kv_transfer_params` names a hand-off (see `vllm_handoff`) of
+tokens its prompt starts with gets those tokens, up to all but the prompt's last, reported as
+externally computed; vLLM computes the rest (at least the last token) and decodes. Anything else passes
 through untouched. Worker side: the fused KV is written into the paged cache layer by layer, in
 `wait_for_layer_load` just before each layer's attention, with the attention backend's own write
 (`impl.do_kv_cache_update`: `cpu_attn_reshape_and_cache` on CPU, `reshape_and_cache_flash` on
@@ -118,29 +118,32 @@ class KVBlendConnector(KVConnectorBase_V1):
         return False  # saves are best effort: a dropped one is a future miss
 
     # -- scheduler side -------------------------------------------------------------------------
-    def _matching_handoff(self, request: "Request") -> str | None:
+    def _matching_handoff(self, request: "Request") -> tuple[str, int] | None:
+        """(key, tokens it covers) when the request names a hand-off of tokens its prompt starts with."""
         key = (request.kv_transfer_params or {}).get(PARAM)
         if key is None:
             return None
         prompt = list(request.prompt_token_ids or [])
-        expected = HandoffHeader(len(prompt) - 1, prompt_digest(prompt[:-1]))
-        if not is_handoff_key(key) or self._handoff.header(key) != expected:
+        header = self._handoff.header(key) if is_handoff_key(key) else None
+        if header is None or not 0 < header.num_tokens <= len(prompt) or prompt_digest(prompt[: header.num_tokens]) != header.digest:
             log.warning("hand-off %r is missing or not for request %s's prompt: vLLM prefills it", key, request.request_id)
             return None
-        return key
+        return key, min(header.num_tokens, len(prompt) - 1)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        if self._matching_handoff(request) is None:
+        match = self._matching_handoff(request)
+        if match is None:
             return 0, False
-        return max(0, len(request.prompt_token_ids) - 1 - num_computed_tokens), False
+        return max(0, match[1] - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         prompt = list(request.prompt_token_ids or [])
         end = len(prompt) - 1
         if num_external_tokens > 0:
-            key = self._matching_handoff(request)
-            if key is not None:
-                self._loads[request.request_id] = LoadSpec(request.request_id, key, end - num_external_tokens, end)
+            match = self._matching_handoff(request)
+            if match is not None:
+                key, covered = match
+                self._loads[request.request_id] = LoadSpec(request.request_id, key, covered - num_external_tokens, covered)
         wants_save = (request.kv_transfer_params or {}).get(SAVE_PARAM)
         if wants_save and self._save_dir is not None and end > 0 and request.request_id not in self._saves:
             self._saves[request.request_id] = SaveSpec(request.request_id, uuid.uuid4().hex, end, prompt_digest(prompt[:end]), len(prompt))

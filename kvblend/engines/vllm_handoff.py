@@ -7,8 +7,9 @@ read, by default a per-user folder in /dev/shm (RAM, no disk I/O):
 - tensors `k.<layer>` / `v.<layer>`, each [kv_heads, N, head_dim]: the whole prompt's fused KV
   (keys rotated at absolute positions), the blend's own buffer layout, so the blend writes into
   the mapped file directly (`HandoffDir.filling`) with no buffer of its own and no copy;
-- metadata `num_tokens` (the N-1 tokens vLLM takes; it computes the last one itself) and
-  `digest`, a hash of those tokens' ids, so a hand-off is never applied to another prompt.
+- metadata `num_tokens` (the tokens whose KV the file holds) and `digest`, a hash of their ids:
+  a hand-off serves a request whose prompt starts with exactly those tokens (never another
+  prompt), for at most all its prompt tokens but the last (vLLM computes that one itself).
 
 The file is published atomically (temporary name, then rename). Once the worker has loaded it,
 the file becomes a spare (up to `SPARES` per folder) that the next request fills in place: fresh
@@ -84,12 +85,12 @@ class HandoffDir:
         The blend writes its fused KV straight into these views: no 170 MB buffer to allocate
         (fresh pages fault) and no copy. Drop every view before the block ends."""
         n = len(ids)
-        if n < 2:
-            raise ValueError(f"hand-off needs at least 2 prompt tokens, got {n}")
+        if n < 1:
+            raise ValueError("hand-off of an empty prompt")
         key = uuid.uuid4().hex
         shape = (kv_heads, n, head_dim)
         names = [f"k.{i}" for i in range(num_layers)] + [f"v.{i}" for i in range(num_layers)]
-        with self._mapped(key, HandoffHeader(n - 1, prompt_digest(ids[: n - 1])), [(name, shape, dtype) for name in names]) as views:
+        with self._mapped(key, HandoffHeader(n, prompt_digest(ids)), [(name, shape, dtype) for name in names]) as views:
             yield key, [(views[f"k.{i}"], views[f"v.{i}"]) for i in range(num_layers)]
             views.clear()
 
