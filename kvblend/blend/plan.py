@@ -7,6 +7,7 @@ chunk is tokenized alone (exactly as it was precomputed) wherever it lands in th
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 _SENTINEL = "\u2063KVBLEND\u2063"
@@ -41,6 +42,7 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, separator: str = "\n\n", use_chat_template: bool = True, system_prompt: str | None = None):
         self.tokenizer = tokenizer
+        self._encoded = functools.lru_cache(maxsize=4096)(self._tokenize)
         self.separator = separator
         self.head, self.tail = "", ""
         if use_chat_template and getattr(tokenizer, "chat_template", None):
@@ -53,8 +55,14 @@ class PromptBuilder:
             self.head = tokenizer.bos_token
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text alone, without special tokens added (templates carry their own)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of text alone, without special tokens added (templates carry their own).
+
+        Remembered per text: the same chunks come back request after request (that is why they
+        are cached), and tokenizing six of them took 10-80 ms of each blended request's TTFT."""
+        return list(self._encoded(text))
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def build(self, chunks: list[str], question: str) -> Prompt:
         if not chunks:

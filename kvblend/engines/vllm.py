@@ -216,6 +216,7 @@ class VLLMEngine:
         engine, sampling = llm.llm_engine, sampling or Sampling()
         started = time.perf_counter()
         prepared: list[Prepared] = []
+        submitted: set[str] = set()  # hand-offs vLLM was given (its worker recycles them once loaded)
         running: dict[str, tuple[int, Prepared]] = {}
         unfinished: set[str] = set()
         try:
@@ -235,6 +236,8 @@ class VLLMEngine:
                     engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt), self._sampling_params(max_tokens, sampling, p))
                     running[req_id] = (i, p)
                     unfinished.add(req_id)
+                    if p.handoff_key:
+                        submitted.add(p.handoff_key)
                 if first:
                     yield i, p, first
             while unfinished:
@@ -258,8 +261,10 @@ class VLLMEngine:
             if unfinished:
                 engine.abort_request(list(unfinished))
             for p in prepared:
-                if p.handoff_key:
-                    self.handoff.remove(p.handoff_key)
+                if p.handoff_key in submitted:
+                    self.handoff.remove(p.handoff_key)  # loaded (now a spare) or never reached: gone either way
+                elif p.handoff_key:
+                    self.handoff.release(p.handoff_key)  # unused (the answer ended at its first token): a spare
 
     def _result(self, p: Prepared) -> GenerateResult:
         text = self.kb.tokenizer.decode([t for t in p.tokens if t not in self.kb.stop_ids], skip_special_tokens=True)
