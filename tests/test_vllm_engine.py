@@ -114,8 +114,8 @@ def test_chunk_damaged_on_disk_mid_request_is_recomputed(engine, tmp_path):
 
 
 def test_first_token_comes_from_the_blend(engine, monkeypatch):
-    """The blend's own last-token logits give the first token: one token needs no vLLM request at all,
-    and vLLM's continuation (prompt + that token, sampled or greedy) is what the HF engine decodes."""
+    """The blend's own last-token logits give the first token: one token needs no vLLM request at all;
+    sampled, the first token is the HF engine's and the whole answer reproducible under its seed."""
     from kvblend.engines.hf import Sampling
 
     submitted = []

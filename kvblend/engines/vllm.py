@@ -5,9 +5,9 @@ written to a hand-off file). The blend already computed the last prompt token's 
 first token is sampled from them at once (vLLM would only recompute them); the prompt plus that
 token go to `vllm.LLM` with `kv_transfer_params` naming the hand-off, `KVBlendConnector` loads
 the prompt's KV into vLLM's paged cache, and vLLM decodes from the second token on, computing
-only the first token's step. Baselines run on vLLM too, so comparisons are like for like: `full` is plain vLLM
-prefill (prefix caching off, no hand-off); `prefix` uses a second `LLM` with automatic prefix
-caching. See docs/vllm.md.
+only the first token's step. Baselines run on vLLM too, so comparisons are like for like: `full`
+is plain vLLM prefill (prefix caching off, no hand-off); `prefix` uses a second `LLM` with
+automatic prefix caching. See docs/vllm.md.
 """
 from __future__ import annotations
 
@@ -216,7 +216,6 @@ class VLLMEngine:
         engine, sampling = llm.llm_engine, sampling or Sampling()
         started = time.perf_counter()
         prepared: list[Prepared] = []
-        submitted: set[str] = set()  # hand-offs vLLM was given (its worker recycles them once loaded)
         running: dict[str, tuple[int, Prepared]] = {}
         unfinished: set[str] = set()
         try:
@@ -228,16 +227,13 @@ class VLLMEngine:
                     first = [sampling.pick(p.logits, torch.Generator().manual_seed(sampling.seed))]
                     p.tokens, p.stats.ttft_s = list(first), time.perf_counter() - started
                     prompt, max_tokens = p.ids + first, max_new_tokens - 1
-                    if max_tokens == 0 or first[0] in self.kb.stop_ids or len(prompt) > self.max_model_len:
-                        p.stats.decode_s = 0.0  # done: nothing left for vLLM to decode
-                        max_tokens = 0
+                    if first[0] in self.kb.stop_ids or len(prompt) > self.max_model_len:
+                        max_tokens = 0  # done: nothing left for vLLM to decode
                 if max_tokens > 0:
                     req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
                     engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt), self._sampling_params(max_tokens, sampling, p))
                     running[req_id] = (i, p)
                     unfinished.add(req_id)
-                    if p.handoff_key:
-                        submitted.add(p.handoff_key)
                 if first:
                     yield i, p, first
             while unfinished:
@@ -248,18 +244,19 @@ class VLLMEngine:
                         continue
                     i, p = running[out.request_id]
                     new = list(out.outputs[0].token_ids)
-                    now = time.perf_counter() - started
+                    elapsed = time.perf_counter() - started
                     p.stats.engine_cached_tokens = out.num_cached_tokens or 0
                     if new and not p.tokens:
-                        p.stats.ttft_s = now
+                        p.stats.ttft_s = elapsed
                     p.tokens += new
                     if out.finished:
                         unfinished.discard(out.request_id)
-                        p.stats.decode_s = now - p.stats.ttft_s
+                        p.stats.decode_s = elapsed - p.stats.ttft_s
                     yield i, p, new
         finally:
             if unfinished:
                 engine.abort_request(list(unfinished))
+            submitted = {p.handoff_key for _, p in running.values() if p.handoff_key}  # vLLM's worker recycles these once loaded
             for p in prepared:
                 if p.handoff_key in submitted:
                     self.handoff.remove(p.handoff_key)  # loaded (now a spare) or never reached: gone either way

@@ -107,7 +107,7 @@ class HandoffDir:
                 layout: Sequence[tuple[str, Sequence[int], torch.dtype]]) -> Iterator[dict[str, torch.Tensor]]:
         """A file (a spare when there is one) mapped as named tensors; renamed to key's path on success."""
         head = safetensors_header(layout, {"num_tokens": str(header.num_tokens), "digest": header.digest})
-        sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in layout]
+        sizes = [math.prod(shape) * dtype.itemsize for _, shape, dtype in layout]
         size = len(head) + sum(sizes)
         target = self.path(key)
         tmp = self._claim_spare() or self.folder / f"{uuid.uuid4().hex}.tmp"
@@ -188,7 +188,7 @@ def safetensors_header(layout: Sequence[tuple[str, Sequence[int], torch.dtype]],
     for name, shape, dtype in layout:
         if dtype not in _DTYPES:
             raise ValueError(f"hand-off tensor {name}: dtype {dtype} is not one of {sorted(map(str, _DTYPES))}")
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         entries[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [at, at + nbytes]}
         at += nbytes
     body = json.dumps(entries, separators=(",", ":")).encode()
