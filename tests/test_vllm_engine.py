@@ -124,6 +124,11 @@ def test_first_token_comes_from_the_blend(engine, monkeypatch):
     one = engine.generate(CHUNKS, QUESTION, max_new_tokens=1)
     assert one.token_ids == hf_tokens(engine.kb, CHUNKS)[:1] and not submitted
     assert one.stats.engine_cached_tokens == 0 and one.stats.decode_s == 0.0 and only_spares_left(engine)
+    stop_ids = engine.kb.stop_ids
+    monkeypatch.setattr(engine.kb, "stop_ids", stop_ids | {one.token_ids[0]})  # a first token that stops
+    stopped = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
+    assert stopped.token_ids == one.token_ids and not submitted and only_spares_left(engine)
+    monkeypatch.setattr(engine.kb, "stop_ids", stop_ids)
     hot = Sampling(temperature=0.9, seed=3)
     first, again = (engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, sampling=hot) for _ in range(2))
     assert len(submitted) == 2 and first.token_ids == again.token_ids  # seeded: reproducible
