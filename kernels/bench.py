@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvblend.kernels import kv_deviation, plan_attention, rope_realign, scatter_rows, scatter_rows_paged, selected_attention
-from kvblend.kernels import cpu_attention
+from kvblend.kernels import cpu_library
 from kvblend.kernels.dispatch import triton_available
 
 # name fragment → (memory bytes/s, dense fp16/bf16 tensor FLOP/s); the first fragment found wins
@@ -125,7 +125,7 @@ def bench_kernels(
     if backends is None:
         interpreting = os.environ.get("TRITON_INTERPRET") == "1"
         backends = ("torch", "triton") if triton_available() and (on_cuda or interpreting) else ("torch",)
-        if not on_cuda and dtype == torch.float32 and cpu_attention.available():
+        if not on_cuda and dtype == torch.float32 and cpu_library.available():
             backends += ("auto",)  # selected_attention's C++ kernel; the other kernels are torch there
     peak_bytes, peak_flops = device_peaks(device, dtype)
     rows = []

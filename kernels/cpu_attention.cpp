@@ -3,12 +3,14 @@
 // of its group) the keys stream through in tiles with an online softmax, so no score matrix and no
 // mask tensor exist; key tiles past a tile's last query are never touched, and only tiles that
 // straddle a query's position are cut per row. The two products per key tile go to the BLAS
-// sgemm that torch links (MKL). Built and loaded by cpu_attention.py; reference: the torch path
+// sgemm that torch links (MKL). Built and loaded by cpu_library.py; reference: the torch path
 // in selected_attention.py.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
+
+#include "cpu_math.h"
 
 extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                        const int*, const float*, const int*, const float*, float*, const int*);
@@ -17,25 +19,6 @@ extern "C" void sgemm_(const char*, const char*, const int*, const int*, const i
 static void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
                  float beta, float* c, int ldc) {
   sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-
-// e^x for x <= 0 (softmax arguments after the max is taken out), within ~2 ulp of expf; plain
-// arithmetic so the compiler vectorizes the loop that calls it (expf from libm would not be).
-static inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;              // x - n ln 2, in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float two_n;
-  __builtin_memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
 }
 
 // q [heads, S, D], k and v [kv_heads, N, D], out [heads, S, D], all contiguous; q_pos [S] strictly

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvblend.kernels import cpu_attention
+from kvblend.kernels import cpu_attention, cpu_library
 from kvblend.kernels.dispatch import use_triton
 
 
@@ -98,6 +98,6 @@ def selected_attention(
         from kvblend.kernels.triton_attention import selected_attention_triton
 
         return selected_attention_triton(q, k, v, plan.q_pos, scale)
-    if backend == "auto" and cpu_attention.supports(q, k, v):
+    if backend == "auto" and cpu_library.supports(q, k, v):
         return cpu_attention.selected_attention_cpu(q, k, v, plan, scale)
     return selected_attention_torch(q, k, v, plan, scale)

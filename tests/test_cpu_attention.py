@@ -6,12 +6,12 @@ import torch
 
 from tiny import dense_attention
 
-from kvblend.kernels import cpu_attention, plan_attention, selected_attention
+from kvblend.kernels import cpu_attention, cpu_library, plan_attention, selected_attention
 
 
 def test_the_kernel_builds_here():
     """CI has a compiler: the fast path must really run there, not fall back silently."""
-    assert cpu_attention.available()
+    assert cpu_library.available()
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 16), (8, 1, 128)])
@@ -42,7 +42,7 @@ def test_non_contiguous_inputs_and_other_dtypes():
     expected = dense_attention(q, k, v, q_pos, 0.2)
     plan = plan_attention(q_pos, 100, 3)
     torch.testing.assert_close(cpu_attention.selected_attention_cpu(q, k, v, plan, 0.2), expected, atol=2e-5, rtol=2e-5)
-    assert not cpu_attention.supports(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 stays on the torch path
+    assert not cpu_library.supports(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16 stays on the torch path
     out = selected_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, 0.2)
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
 
@@ -58,11 +58,11 @@ def test_bad_shapes_are_refused_before_the_kernel_runs():
 def test_no_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("KVBLEND_HOME", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    cpu_attention._library.cache_clear()
+    cpu_library.library.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="kvblend.kernels.cpu_attention"):
-            assert not cpu_attention.available()
-        assert "runs torch's SDPA" in caplog.text and "no-such-compiler" in caplog.text
+        with caplog.at_level(logging.WARNING, logger="kvblend.kernels.cpu_library"):
+            assert not cpu_library.available()
+        assert "runs torch's ops" in caplog.text and "no-such-compiler" in caplog.text
         q_pos = torch.tensor([2, 5])
         q, k, v = torch.randn(2, 2, 8), torch.randn(1, 6, 8), torch.randn(1, 6, 8)
         out = selected_attention(q, k, v, plan_attention(q_pos, 6, 2), 0.5)  # the torch path answers
@@ -71,4 +71,4 @@ def test_no_compiler_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path, c
             cpu_attention.selected_attention_cpu(q, k, v, plan_attention(q_pos, 6, 2), 0.5)
     finally:
         monkeypatch.undo()
-        cpu_attention._library.cache_clear()
+        cpu_library.library.cache_clear()
