@@ -1,7 +1,7 @@
 // The element-wise steps around a decoder layer's GEMMs on CPU, fp32, one pass each: RMSNorm and
-// SiLU(gate)·up. torch runs them as 6 and 3 separate ops, each a statically split parallel loop
-// with its own temporaries; here rows are handed out dynamically, so a core the host slows down
-// holds up nothing. Built and loaded by cpu_library.py; references: kernels/norm_act.py.
+// SiLU(gate)·up, where torch makes 6 and 3 passes with temporaries between them. Rows go to the
+// threads in small dynamic batches. Built and loaded by cpu_library.py; references:
+// kernels/norm_act.py.
 #include <cmath>
 #include <cstdint>
 
