@@ -21,11 +21,18 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * normed.to(x.dtype)
 
 
+def _torch_only(backend: str) -> bool:
+    """"auto" runs the C++ kernel where it applies; "torch" the reference (there is no Triton kernel)."""
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend {backend!r}: RMSNorm and SiLU·up run on 'auto' (C++ on CPU fp32) or 'torch'")
+    return backend == "torch"
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """RMSNorm of x [..., dim] with weight [dim]."""
     if x.shape[-1:] != weight.shape:
         raise ValueError(f"RMSNorm weight of shape {tuple(weight.shape)} for inputs of shape {tuple(x.shape)}")
-    if backend != "auto" or not cpu_library.supports(x, weight):
+    if _torch_only(backend) or not cpu_library.supports(x, weight):
         return rms_norm_torch(x, weight, eps)
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
@@ -44,7 +51,7 @@ def silu_mul(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """SiLU(gate) · up for gate_up [..., 2·inter] holding the two halves side by side → [..., inter]."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate/up rows of odd width {gate_up.shape[-1]}")
-    if backend != "auto" or not cpu_library.supports(gate_up):
+    if _torch_only(backend) or not cpu_library.supports(gate_up):
         return silu_mul_torch(gate_up)
     gate_up = gate_up.contiguous()
     inter = gate_up.shape[-1] // 2

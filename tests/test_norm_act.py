@@ -47,9 +47,13 @@ def test_silu_mul_matches_the_reference(rows, inter):
     assert torch.isfinite(got).all()
 
 
-def test_silu_mul_rejects_odd_rows():
+def test_bad_input_is_named():
     with pytest.raises(ValueError, match="odd width"):
         silu_mul(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="backend 'triton'"):
+        silu_mul(torch.randn(2, 8), backend="triton")
+    x = torch.randn(3, 8)
+    assert torch.equal(rms_norm(x, torch.ones(8), 1e-6, backend="torch"), rms_norm_torch(x, torch.ones(8), 1e-6))
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
