@@ -4,7 +4,7 @@ Each is a torch reference (the arithmetic of transformers' Llama-family modules)
 fp32, a one-pass C++ kernel (cpu_norm_act.cpp). torch runs them as 6 and 3 separate passes with
 their temporaries; in the blend (SmolLM2-135M, MuSiQue top-6, r = 0.15, 2 threads) these kernels
 and the residual adds folded into the GEMMs (`torch.addmm`) took torch's non-GEMM ops from 0.32 to
-0.12 s of CPU time and the blend 8% faster (4 records, interleaved, paired median).
+0.13 s (`torch.profiler` self time) and the blend 8% faster (4 records, interleaved, paired median).
 """
 from __future__ import annotations
 
