@@ -93,7 +93,8 @@ class KVBlend:
         self.model, self.tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
         self.adapter = LayerwiseModel(self.model)
         self.builder = PromptBuilder(self.tokenizer)
-        self.store: KVStore = store if store is not None and not isinstance(store, str) else open_store(self.config.store)
+        self._owns_store = store is None or isinstance(store, str)
+        self.store: KVStore = open_store(self.config.store) if self._owns_store else store
         self.executor = BlendExecutor(self.adapter, self.config.blend)
         self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.builder, self.config.blend.primer)
         self.stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
@@ -104,6 +105,22 @@ class KVBlend:
             from kvblend.engines.vllm import VLLMEngine
 
             self.engine = VLLMEngine(self)
+
+    def close(self) -> None:
+        """Stop the decoding engine and land the store's background writes (closing the store if kvblend opened it)."""
+        try:
+            if self.engine is not None:
+                self.engine.close()
+        finally:
+            finish = getattr(self.store, "close" if self._owns_store else "flush", None)
+            if finish is not None:
+                finish()
+
+    def __enter__(self) -> "KVBlend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- chunks -------------------------------------------------------------------------------
     def key_for(self, token_ids: list[int]) -> str:

@@ -38,3 +38,19 @@ def real_kb():
     from kvblend import KVBlend
 
     return KVBlend()
+
+
+@pytest.fixture()
+def slow_disk_writes(monkeypatch):
+    """Disk tier puts take 0.2 s, so a write still in the background when a check runs is caught."""
+    import time
+
+    from kvblend.store import DiskStore
+
+    put = DiskStore.put
+
+    def slow_put(self, key, kv):
+        time.sleep(0.2)
+        put(self, key, kv)
+
+    monkeypatch.setattr(DiskStore, "put", slow_put)

@@ -50,7 +50,7 @@ def test_recompute_ratio_takes_a_share_or_auto(tiny_models, chunks_file, tmp_pat
         assert res.exit_code == 2 and why in unwrapped(res.output)
 
 
-def test_codec_option_sets_the_store_codec(tiny_models, chunks_file, tmp_path):
+def test_codec_option_sets_the_store_codec(tiny_models, chunks_file, tmp_path, slow_disk_writes):
     store = tmp_path / "store"
     res = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["llama"]),
                               "--max-new-tokens", "2", "--store", str(store), "--codec", "int8"])

@@ -88,3 +88,20 @@ def test_damaged_header_is_a_miss_with_a_correct_answer(disk_kb, kb):
     assert torch.equal(pre.logits, expected)
     assert not disk_kb.store.contains(disk_kb.key_for(disk_kb.builder.encode(CHUNKS[0])))
     assert disk_kb.precompute(CHUNKS) and disk_kb.store.contains(disk_kb.key_for(disk_kb.builder.encode(CHUNKS[0])))
+
+
+def test_closing_kvblend_lands_background_writes_and_leaves_a_callers_store_open(tiny_models, tmp_path, slow_disk_writes):
+    from kvblend.store import DiskStore
+
+    with KVBlend(model=str(tiny_models["llama"]), store=str(tmp_path / "own")) as own:
+        own.precompute(CHUNKS)
+    assert len(DiskStore(tmp_path / "own").entries()) == 3  # slow writes landed before close returned
+    with pytest.raises(RuntimeError, match="closed store"):
+        own.store.put("x", None)
+    callers = open_store(StoreConfig(disk_dir=str(tmp_path / "callers")))
+    with KVBlend(model=str(tiny_models["llama"]), store=callers) as borrowed:
+        borrowed.precompute(CHUNKS[:1])
+    assert len(DiskStore(tmp_path / "callers").entries()) == 1
+    borrowed.precompute(CHUNKS[1:])  # the caller's store is flushed, not closed
+    callers.close()
+    assert len(DiskStore(tmp_path / "callers").entries()) == 3

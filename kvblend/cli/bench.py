@@ -45,24 +45,24 @@ def bench_ttft_command(
         return
     from kvblend.eval.bench import bench_ttft, plot
 
-    kb = make_kvblend(model, None, device, dtype, threads=threads)
-    sizes, rs = _ints(context_tokens), _floats(ratios)
-    with Progress(console=console) as progress:
-        task = progress.add_task("bench", total=len(sizes) * (repeats + 1) * (2 + len(rs)))
-        try:
-            rows = bench_ttft(kb, sizes, chunk_tokens, rs, repeats, datasets, on_step=lambda: progress.advance(task))
-        except ValueError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2)
-    table = Table(title=f"TTFT, {kb.config.model}, {dtype}, {device}")
-    for col in ("tokens", "method", "r", "TTFT med (s)", "speed-up", "bound", "of bound"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(str(r.context_tokens), r.method, "-" if r.ratio is None else f"{r.ratio:.2f}", f"{r.ttft_median_s:.3f}",
-                      f"{r.speedup:.2f}x", "-" if r.bound is None else f"{r.bound:.2f}x",
-                      "-" if r.bound is None else f"{r.speedup / r.bound:.0%}")
-    console.print(table)
-    if json_out:
-        json_out.write_text(json.dumps({"rows": [asdict(r) for r in rows], "config": kb.config.model_dump()}, indent=2))
-    if plot_out:
-        plot(rows, plot_out)
+    with make_kvblend(model, None, device, dtype, threads=threads) as kb:
+        sizes, rs = _ints(context_tokens), _floats(ratios)
+        with Progress(console=console) as progress:
+            task = progress.add_task("bench", total=len(sizes) * (repeats + 1) * (2 + len(rs)))
+            try:
+                rows = bench_ttft(kb, sizes, chunk_tokens, rs, repeats, datasets, on_step=lambda: progress.advance(task))
+            except ValueError as exc:
+                console.print(f"[red]error:[/red] {exc}")
+                raise typer.Exit(2)
+        table = Table(title=f"TTFT, {kb.config.model}, {dtype}, {device}")
+        for col in ("tokens", "method", "r", "TTFT med (s)", "speed-up", "bound", "of bound"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(str(r.context_tokens), r.method, "-" if r.ratio is None else f"{r.ratio:.2f}", f"{r.ttft_median_s:.3f}",
+                          f"{r.speedup:.2f}x", "-" if r.bound is None else f"{r.bound:.2f}x",
+                          "-" if r.bound is None else f"{r.speedup / r.bound:.0%}")
+        console.print(table)
+        if json_out:
+            json_out.write_text(json.dumps({"rows": [asdict(r) for r in rows], "config": kb.config.model_dump()}, indent=2))
+        if plot_out:
+            plot(rows, plot_out)

@@ -62,7 +62,10 @@ def store_config(store: str | StoreConfig | None, codec: str | None) -> StoreCon
 
 def make_kvblend(model: str, store: str | StoreConfig | None, device: str, dtype: str, engine: str = "hf",
                  threads: int | None = None, codec: str | None = None, **blend):
-    """Build a KVBlend from CLI options; errors become a clean exit with the message."""
+    """Build a KVBlend from CLI options; errors become a clean exit with the message.
+
+    Commands use it as `with make_kvblend(...) as kb:` so the store's background writes land (and
+    vLLM's processes stop) before the command returns."""
     from kvblend import BlendConfig, KVBlend, KVBlendConfig
 
     if engine not in ("hf", "vllm"):
@@ -71,10 +74,11 @@ def make_kvblend(model: str, store: str | StoreConfig | None, device: str, dtype
         cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
                             blend=BlendConfig(**blend))
         with console.status(f"loading {model}"):
-            return KVBlend(config=cfg, engine=engine)
+            kb = KVBlend(config=cfg, engine=engine)
     except (ValueError, FileNotFoundError, OSError, ImportError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
+    return kb
 
 
 def stats_line(method: str, s) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -78,30 +79,27 @@ def precompute(
         spec = store_config(store, codec)
     except ValueError as exc:
         raise _fail(exc)
-    if dry_run:
-        tokenizer, config = _load_tokenizer_and_config(model)
-    else:
-        kb = make_kvblend(model, spec, device, dtype, threads=threads)
-        tokenizer, config = kb.tokenizer, kb.model.config
-    try:
-        planned = plan_chunks(read.documents, ChunkSplitter(tokenizer, chunk_tokens), tokenizer)
-    except ValueError as exc:
-        raise _fail(exc)
-    total_tokens = sum(p.tokens for p in planned)
-    per_token = kv_bytes_per_token(config, dtype, spec.codec)
-    console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
-                  f"KV {per_token:,} B/token ({dtype}, {spec.codec}) → store needs {decimal(per_token * total_tokens)}")
-    if dry_run:
-        return
+    with nullcontext() if dry_run else make_kvblend(model, spec, device, dtype, threads=threads) as kb:
+        tokenizer, config = _load_tokenizer_and_config(model) if kb is None else (kb.tokenizer, kb.model.config)
+        try:
+            planned = plan_chunks(read.documents, ChunkSplitter(tokenizer, chunk_tokens), tokenizer)
+        except ValueError as exc:
+            raise _fail(exc)
+        total_tokens = sum(p.tokens for p in planned)
+        per_token = kv_bytes_per_token(config, dtype, spec.codec)
+        console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
+                      f"KV {per_token:,} B/token ({dtype}, {spec.codec}) → store needs {decimal(per_token * total_tokens)}")
+        if dry_run:
+            return
 
-    try:
-        folder = CorpusFolder.for_store(store, corpus)
-        folder.claim(model, kb.adapter.fingerprint)
-    except CorpusError as exc:
-        raise _fail(exc)
-    records = _encode(kb, planned, folder, per_token)
-    if index:
-        _index(records, embedder, folder)
+        try:
+            folder = CorpusFolder.for_store(store, corpus)
+            folder.claim(model, kb.adapter.fingerprint)
+        except CorpusError as exc:
+            raise _fail(exc)
+        records = _encode(kb, planned, folder, per_token)
+        if index:
+            _index(records, embedder, folder)
 
 
 def _encode(kb, planned, folder, per_token: int) -> list:
@@ -171,27 +169,27 @@ def ask(
         hits = chunk_index.search(emb, question, top_k)
     except (CorpusError, ValueError, OSError) as exc:
         raise _fail(exc)
-    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio)
-    try:
-        folder.check_model(model, kb.adapter.fingerprint)
-    except CorpusError as exc:
-        raise _fail(exc)
-    chunks = [h.record.text for h in hits]
-    if precompute:
-        with console.status("checking the retrieved chunks' caches (encoding any missing)"):
-            cached = [status.hit for status in ensure_cached(kb, chunks)]
-    else:
-        cached = [kb.store.contains(h.record.key) for h in hits]
-    try:
-        result = kb.generate(chunks, question, max_new_tokens=max_new_tokens, method=method,
-                             on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    except ValueError as exc:
-        raise _fail(exc)
-    print()
-    table = Table("#", "score", "source", "chars", "tokens", "cache", title="sources", title_justify="left")
-    for rank, (h, hit) in enumerate(zip(hits, cached), start=1):
-        r = h.record
-        table.add_row(str(rank), f"{h.score:.3f}", r.source, f"{r.start}-{r.end}", str(r.tokens), "hit" if hit else "miss")
-    console.print(table)
-    s = result.stats
-    console.print(stats_line(method, s))
+    with make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio) as kb:
+        try:
+            folder.check_model(model, kb.adapter.fingerprint)
+        except CorpusError as exc:
+            raise _fail(exc)
+        chunks = [h.record.text for h in hits]
+        if precompute:
+            with console.status("checking the retrieved chunks' caches (encoding any missing)"):
+                cached = [status.hit for status in ensure_cached(kb, chunks)]
+        else:
+            cached = [kb.store.contains(h.record.key) for h in hits]
+        try:
+            result = kb.generate(chunks, question, max_new_tokens=max_new_tokens, method=method,
+                                 on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        except ValueError as exc:
+            raise _fail(exc)
+        print()
+        table = Table("#", "score", "source", "chars", "tokens", "cache", title="sources", title_justify="left")
+        for rank, (h, hit) in enumerate(zip(hits, cached), start=1):
+            r = h.record
+            table.add_row(str(rank), f"{h.score:.3f}", r.source, f"{r.start}-{r.end}", str(r.tokens), "hit" if hit else "miss")
+        console.print(table)
+        s = result.stats
+        console.print(stats_line(method, s))

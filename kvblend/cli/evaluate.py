@@ -49,25 +49,25 @@ def eval_command(
     if primer_file:
         blend["primer"] = primer_file.read_text(encoding="utf-8").strip()
         blend.setdefault("chunk_context", "primed")
-    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio, **blend)
-    try:
-        specs = parse_methods(methods, kb.config.blend)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--methods")
-    with Progress(console=console) as progress:
-        task = progress.add_task(f"eval {len(records)} records x {len(specs)} methods", total=len(records))
-        report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task), shuffle_seed=shuffle_seed)
-    summary = report.summary()
-    table = Table(title=f"{dataset.name}: {len(records)} records, top-k {top_k or 'all'}")
-    for col in ("method", "F1", "1st-tok agree", "tok agree", "KL first", "KL tf16", "TTFT med (s)", "speed-up"):
-        table.add_column(col, justify="right")
-    for name, s in summary.items():
-        f1 = "-" if s["f1"] is None else f"{s['f1']:.3f}"
-        table.add_row(escape(name), f1, f"{s['first_token_agree']:.2f}", f"{s['token_agree']:.2f}", f"{s['kl_first']:.3f}",
-                      f"{s['kl_tf']:.3f}", f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
-    console.print(table)
-    if json_out:
-        config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "shuffle_seed": shuffle_seed, "engine": engine, "max_new_tokens": max_new_tokens,
-                  "kvblend": kb.config.model_dump(), "threads": threads}
-        per_record = {name: [vars(r) for r in rows] for name, rows in report.methods.items()}
-        json_out.write_text(json.dumps({"methods": summary, "config": config, "records": per_record}, indent=2))
+    with make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio, **blend) as kb:
+        try:
+            specs = parse_methods(methods, kb.config.blend)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--methods")
+        with Progress(console=console) as progress:
+            task = progress.add_task(f"eval {len(records)} records x {len(specs)} methods", total=len(records))
+            report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task), shuffle_seed=shuffle_seed)
+        summary = report.summary()
+        table = Table(title=f"{dataset.name}: {len(records)} records, top-k {top_k or 'all'}")
+        for col in ("method", "F1", "1st-tok agree", "tok agree", "KL first", "KL tf16", "TTFT med (s)", "speed-up"):
+            table.add_column(col, justify="right")
+        for name, s in summary.items():
+            f1 = "-" if s["f1"] is None else f"{s['f1']:.3f}"
+            table.add_row(escape(name), f1, f"{s['first_token_agree']:.2f}", f"{s['token_agree']:.2f}", f"{s['kl_first']:.3f}",
+                          f"{s['kl_tf']:.3f}", f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
+        console.print(table)
+        if json_out:
+            config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "shuffle_seed": shuffle_seed, "engine": engine, "max_new_tokens": max_new_tokens,
+                      "kvblend": kb.config.model_dump(), "threads": threads}
+            per_record = {name: [vars(r) for r in rows] for name, rows in report.methods.items()}
+            json_out.write_text(json.dumps({"methods": summary, "config": config, "records": per_record}, indent=2))

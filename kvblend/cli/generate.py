@@ -40,18 +40,18 @@ def generate(
     if not question:
         console.print("[red]error:[/red] no --question given and the file has no 'query'")
         raise typer.Exit(2)
-    kb = make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio)
-    if precompute:
-        with console.status("precomputing chunk caches"):
-            kb.precompute(record.chunks)
-    try:
-        result = kb.generate(record.chunks, question, max_new_tokens=max_new_tokens, method=method,
-                             on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
-    print()
-    s = result.stats
-    console.print(stats_line(method, s))
-    if json_out:
-        json_out.write_text(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}, indent=2))
+    with make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio) as kb:
+        if precompute:
+            with console.status("precomputing chunk caches"):
+                kb.precompute(record.chunks)
+        try:
+            result = kb.generate(record.chunks, question, max_new_tokens=max_new_tokens, method=method,
+                                 on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        print()
+        s = result.stats
+        console.print(stats_line(method, s))
+        if json_out:
+            json_out.write_text(json.dumps({"text": result.text, "token_ids": result.token_ids, "stats": s.as_dict()}, indent=2))

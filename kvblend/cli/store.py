@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -166,8 +167,7 @@ def bench_store_command(
     size = parse_bytes(total_bytes)
     if not isinstance(size, int):
         raise typer.BadParameter(f"{total_bytes!r} is not a size such as 256MiB", param_hint="--total-bytes")
-    kb = make_kvblend(model, None, "cpu", "float32", threads=threads) if ttft else None
-    with console.status("measuring"):
+    with make_kvblend(model, None, "cpu", "float32", threads=threads) if ttft else nullcontext() as kb, console.status("measuring"):
         rows, ttft_rows = bench_store(scratch, kb, size, context_tokens, repeats, datasets)
     table = Table(title=f"read bandwidth, one thread (medians of {repeats} rounds; share: of the per-round ratios)")
     for col in ("tier", "GB/s", "reference", "GB/s", "share"):
