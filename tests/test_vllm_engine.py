@@ -246,3 +246,15 @@ def test_vllm_workers_run_on_tcmalloc(engine):
     children = psutil.Process().children(recursive=True)
     maps = [open(f"/proc/{p.pid}/maps").read() for p in children if p.is_running()]
     assert maps and any("libtcmalloc" in m for m in maps)
+
+
+def test_vllm_workers_put_weights_on_huge_pages(engine):
+    """Like kvblend's own weights, the workers' torch allocations get transparent huge pages."""
+    import psutil
+
+    from huge import huge_bytes, huge_pages_allowed
+
+    assert os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
+    most = max(huge_bytes(p.pid) for p in psutil.Process().children(recursive=True) if p.is_running())
+    # a worker holds the model's weights (the engine here: a tiny model, 2 MB tensors and up qualify)
+    assert most > 0 if huge_pages_allowed() else most == 0

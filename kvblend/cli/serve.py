@@ -34,7 +34,7 @@ def serve(
     Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
     """
     from kvblend.config import BlendConfig, KVBlendConfig, parse_bytes
-    from kvblend.engines.vllm import connector_config, preload_tcmalloc
+    from kvblend.engines.vllm import connector_config, tune_worker_environment
     from kvblend.engines.vllm_handoff import HandoffDir
     from kvblend.engines.vllm_serve import MIDDLEWARE, SETTINGS_ENV, run_vllm_server
     from kvblend.models import resolve_model
@@ -60,7 +60,7 @@ def serve(
         vllm_args += ["--max-model-len", str(max_model_len)]
     if "--served-model-name" not in ctx.args:
         vllm_args += ["--served-model-name", model]
-    preload_tcmalloc()  # for vLLM's engine processes (this one started without it)
+    tune_worker_environment()  # for vLLM's engine processes (this one started without it)
     try:
         run_vllm_server(vllm_args + list(ctx.args))
     finally:

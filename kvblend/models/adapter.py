@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvblend.kernels import rms_norm, silu_mul
+from kvblend.models.huge_pages import HugePageArena
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 MLP_ROWS = 1024  # tokens per MLP block (see LayerwiseModel.mlp)
@@ -45,11 +46,17 @@ class FusedLayer:
     act: nn.Module
 
 
-def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the linears' weights and re-point each linear at its slice of the result."""
-    weight = torch.cat([lin.weight.data for lin in linears], dim=0)
+def _fuse(linears: list[nn.Linear], arena: HugePageArena | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the linears' weights (into the arena, if any) and re-point each linear at its slice."""
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        if arena is None:
+            return torch.cat(parts, dim=0)
+        return torch.cat(parts, dim=0, out=arena.empty((sum(t.shape[0] for t in parts), *parts[0].shape[1:]), parts[0].dtype))
+
+    weight = cat([lin.weight.data for lin in linears])
     has_bias = linears[0].bias is not None
-    bias = torch.cat([lin.bias.data for lin in linears], dim=0) if has_bias else None
+    bias = cat([lin.bias.data for lin in linears]) if has_bias else None
     row = 0
     for lin in linears:
         n = lin.weight.shape[0]
@@ -91,11 +98,12 @@ class LayerwiseModel:
         self.num_layers = len(inner.layers)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
         self.layers: list[FusedLayer] = []
+        arena = HugePageArena(HugePageArena.size_for(model)) if self.device.type == "cpu" else None
         with torch.no_grad():
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-                gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj])
+                qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], arena)
+                gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj], arena)
                 self.layers.append(
                     FusedLayer(
                         input_norm=layer.input_layernorm,
@@ -111,6 +119,8 @@ class LayerwiseModel:
                         act=mlp.act_fn,
                     )
                 )
+            if arena is not None:
+                arena.adopt(model)  # every other weight (embedding, norms, o_proj, down_proj) follows
         self.silu_gate = getattr(cfg, "hidden_act", None) == "silu"
         self.fingerprint = model_fingerprint(model)
 
