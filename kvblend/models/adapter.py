@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvblend.kernels import rms_norm, silu_mul
-from kvblend.models.huge_pages import HugePageArena
+from kvblend.models.huge_pages import ADVISABLE, HugePageArena
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 MLP_ROWS = 1024  # tokens per MLP block (see LayerwiseModel.mlp)
@@ -98,7 +98,8 @@ class LayerwiseModel:
         self.num_layers = len(inner.layers)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
         self.layers: list[FusedLayer] = []
-        arena = HugePageArena(HugePageArena.size_for(model)) if self.device.type == "cpu" else None
+        on_huge_pages = self.device.type == "cpu" and ADVISABLE
+        arena = HugePageArena(HugePageArena.size_for(model)) if on_huge_pages else None
         with torch.no_grad():
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
