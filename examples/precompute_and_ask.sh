@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/kvblend-musique}
 RECORDS=${RECORDS:-3}
 PY=${PYTHON:-python}
 
-"$PY" examples/musique_to_jsonl.py ../shared/datasets/musique_dev.json "$OUT" --limit "$RECORDS"
+"$PY" examples/musique_to_jsonl.py musique-dev "$OUT" --limit "$RECORDS"
 kvblend precompute "$OUT/passages.jsonl" --store "$OUT/store" --chunk-tokens 1024 --dry-run
 kvblend precompute "$OUT/passages.jsonl" --store "$OUT/store" --chunk-tokens 1024
 question=$("$PY" -c 'import json, sys; print(json.loads(open(sys.argv[1]).readline())["question"])' "$OUT/questions.jsonl")

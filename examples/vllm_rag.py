@@ -1,14 +1,13 @@
 """Blend with kvblend, decode with vLLM: one CacheBlend example, blend vs vLLM's full prefill.
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
-        python examples/vllm_rag.py [--example ../shared/datasets/cacheblend_examples/1.json]
+        python examples/vllm_rag.py [--example cacheblend-1]
 
 Needs `pip install -e ".[vllm]"` (docs/vllm.md). The `__main__` guard matters: vLLM spawns processes.
 """
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from kvblend import KVBlend
 from kvblend.eval.datasets import load_chunks_file
@@ -16,7 +15,8 @@ from kvblend.eval.datasets import load_chunks_file
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--example", type=Path, default=Path("../shared/datasets/cacheblend_examples/1.json"))
+    parser.add_argument("--example", default="cacheblend-1",
+                        help="a CacheBlend prompt file, or a bundled one's name (cacheblend-1 ... cacheblend-10)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
 

@@ -22,12 +22,9 @@ from kvblend.eval.metrics import kl_divergence
 from kvblend.store import open_store
 from kvblend.store.codecs import CODECS
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cacheblend_examples"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CacheBlend prompt file or folder")
+    parser.add_argument("--data", default="cacheblend", help="CacheBlend prompt file or folder, or a bundled dataset's name")
     parser.add_argument("--records", type=int, default=5)
     parser.add_argument("--codecs", default=",".join(CODECS))
     parser.add_argument("--threads", type=int, default=None)
@@ -53,7 +50,7 @@ def main() -> None:
     m = kb.adapter
     shape = (m.num_kv_heads, 512, m.head_dim)
     raw_bytes = CODECS["raw"].layer_nbytes(shape, m.dtype)
-    table = Table(title=f"codecs on {len(records)} records of {args.data.name} ({kb.config.model}, {m.dtype})")
+    table = Table(title=f"codecs on {len(records)} records of {Path(args.data).name} ({kb.config.model}, {m.dtype})")
     for col in ("codec", "KL first (mean)", "KL first (median)", "1st-token agree", "size vs raw"):
         table.add_column(col, justify="right")
     for codec in codecs:

@@ -15,7 +15,6 @@ torch.set_num_threads(int(os.environ.get("KVBLEND_TEST_THREADS", "2")))
 # scheduler process; its spawned processes and `kvblend serve` inherit this.
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +26,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def datasets() -> Path:
-    if not DATASETS.is_dir():
-        pytest.skip(f"shared datasets not found at {DATASETS}")
-    return DATASETS
+    """The evaluation data shipped with kvblend: musique_dev.json and cacheblend/1.json ... 10.json."""
+    from kvblend.eval.datasets import bundled_dir
+
+    return bundled_dir()
 
 
 @pytest.fixture(scope="session")

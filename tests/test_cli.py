@@ -113,18 +113,27 @@ def test_eval_writes_the_documented_json(tiny_models, tmp_path):
 
 
 def test_eval_rejects_an_unknown_method(tiny_models, datasets):
-    res = runner.invoke(app, ["eval", str(datasets / "cacheblend_examples" / "1.json"), "--model", str(tiny_models["llama"]),
+    res = runner.invoke(app, ["eval", str(datasets / "cacheblend" / "1.json"), "--model", str(tiny_models["llama"]),
                               "--methods", "full,magic"])
     assert res.exit_code != 0 and "unknown method 'magic'" in unwrapped(res.output)
-    res = runner.invoke(app, ["eval", str(datasets / "cacheblend_examples" / "1.json"), "--model", str(tiny_models["llama"]),
-                              "--chunk-context", "eos"])
+    res = runner.invoke(app, ["eval", "cacheblend-1", "--model", str(tiny_models["llama"]), "--chunk-context", "eos"])
     assert res.exit_code == 2 and "chunk_context" in unwrapped(res.output)
 
 
-def test_bench_reports_every_method_and_plots(tiny_models, tmp_path, datasets):
+def test_eval_takes_a_bundled_dataset_by_name(tiny_models, tmp_path):
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "musique-dev", "--limit", "1", "--top-k", "1", "--methods", "full,blend",
+                              "--max-new-tokens", "2", "--model", str(tiny_models["llama"]), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["config"]["dataset"] == "musique-dev"
+    res = runner.invoke(app, ["eval", "musique-test", "--model", str(tiny_models["llama"])])
+    assert res.exit_code == 2 and "not a bundled dataset" in unwrapped(res.output)
+
+
+def test_bench_reports_every_method_and_plots(tiny_models, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     res = runner.invoke(app, ["bench", "--model", str(tiny_models["llama"]), "--context-tokens", "256", "--chunk-tokens", "128",
-                              "--ratios", "0.1,0.5", "--repeats", "1", "--datasets", str(datasets), "--json", str(out), "--plot", str(png)])
+                              "--ratios", "0.1,0.5", "--repeats", "1", "--json", str(out), "--plot", str(png)])
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["ratio"]) for r in rows] == [("full", None), ("reuse", None), ("blend", 0.1), ("blend", 0.5)]

@@ -1,11 +1,12 @@
 """Metrics, method specs and dataset loaders."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvblend import BlendConfig
-from kvblend.eval.datasets import load_chunks_file, load_dataset
+from kvblend.eval.datasets import BUNDLED, bundled_dir, load_chunks_file, load_dataset, resolve_dataset
 from kvblend.eval.methods import parse_methods
 from kvblend.eval.metrics import f1_score, kl_divergence, normalize_answer, token_agreement
 
@@ -38,13 +39,33 @@ def test_method_specs_put_full_first_and_parse_overrides():
         parse_methods("blend[recompute_ratio=2]", BlendConfig())
 
 
-def test_loaders_read_both_shared_formats(datasets):
-    one = load_dataset(datasets / "cacheblend_examples" / "3.json")
+def test_loaders_read_both_bundled_formats(datasets):
+    one = load_dataset(datasets / "cacheblend" / "3.json")
     assert len(one) == 1 and len(one[0].chunks) >= 5 and one[0].question
-    folder = load_dataset(datasets / "cacheblend_examples", top_k=2)
+    folder = load_dataset(datasets / "cacheblend", top_k=2)
     assert len(folder) == 10 and all(len(r.chunks) == 2 for r in folder)
     musique = load_dataset(datasets / "musique_dev.json", top_k=6, limit=4)
     assert len(musique) == 4 and all(len(r.chunks) == 6 and r.answers for r in musique)
+
+
+def test_bundled_datasets_load_by_name_and_ship_their_licences():
+    assert len(load_dataset("musique-dev")) == 75
+    assert len(load_dataset("cacheblend")) == 10
+    for i in range(1, 11):
+        record = load_dataset(f"cacheblend-{i}")[0]
+        assert record.chunks and record.question
+        assert load_chunks_file(f"cacheblend-{i}").chunks == record.chunks
+    assert all((bundled_dir() / rel).exists() for rel in BUNDLED.values())
+    notice = (bundled_dir() / "NOTICE.md").read_text()
+    assert "CC BY 4.0" in notice and "Apache" in notice and (bundled_dir() / "LICENSE-Apache-2.0.txt").exists()
+
+
+def test_a_path_wins_over_a_bundled_name_and_unknown_names_list_the_bundled_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cacheblend-1").write_text(json.dumps(["only chunk"]))
+    assert resolve_dataset("cacheblend-1") == Path("cacheblend-1")
+    with pytest.raises(ValueError, match="musique-dev"):
+        resolve_dataset("musique-test")
 
 
 def test_loaders_name_the_bad_file(tmp_path):

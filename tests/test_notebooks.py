@@ -10,7 +10,7 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.mark.parametrize("name", ["quickstart", "why_blending"])
-def test_notebook_is_stripped_and_runs(name, datasets, monkeypatch):
+def test_notebook_is_stripped_and_runs(name, monkeypatch):
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "commit notebooks with outputs stripped"

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def example(datasets):
-    d = json.loads((datasets / "cacheblend_examples" / "2.json").read_text())
+    d = json.loads((datasets / "cacheblend" / "2.json").read_text())
     return [d[str(i)] for i in range(3)], d["query"]
 
 

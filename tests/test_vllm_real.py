@@ -25,7 +25,7 @@ def engine(real_kb):
 def examples(datasets):
     out = []
     for name in EXAMPLES:
-        d = json.loads((datasets / "cacheblend_examples" / f"{name}.json").read_text())
+        d = json.loads((datasets / "cacheblend" / f"{name}.json").read_text())
         out.append(([d[str(i)] for i in range(d["chunk_num"])], d["query"]))
     return out
 

@@ -32,7 +32,8 @@ def bench_ttft_command(
     chunk_tokens: Annotated[int, typer.Option(min=1)] = 512,
     ratios: Annotated[str, typer.Option(help="comma list of recompute ratios")] = "0.05,0.15,0.3",
     repeats: Annotated[int, typer.Option(min=1)] = 3,
-    datasets: Annotated[Optional[Path], typer.Option(help="folder with musique_dev.json (text source)")] = Path("../shared/datasets"),
+    datasets: Annotated[Optional[Path], typer.Option(file_okay=False, help=(
+        "folder with a musique_dev.json to cut contexts from (default: the MuSiQue records shipped with kvblend)"))] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="PNG of speed-up vs ratio")] = None,
     model: ModelOpt = "smollm2-135m",

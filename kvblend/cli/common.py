@@ -15,7 +15,7 @@ ModelOpt = Annotated[str, typer.Option("--model", help="model alias (smollm2-135
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="KV store directory (default: in memory)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
-EngineOpt = Annotated[str, typer.Option("--engine", help="decoding engine: hf (transformers) or vllm (pip install 'kvblend[vllm]')")]
+EngineOpt = Annotated[str, typer.Option("--engine", help=r"decoding engine: hf (transformers) or vllm (pip install 'kvblend\[vllm]')")]  # \[: literal, not rich markup
 
 
 def recompute_ratio(value: str) -> float | str:

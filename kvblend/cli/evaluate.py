@@ -16,8 +16,10 @@ from kvblend.cli.common import ChunkContextOpt, CodecOpt, DeviceOpt, DtypeOpt, E
 
 @app.command("eval")
 def eval_command(
-    dataset: Annotated[Path, typer.Argument(exists=True, help="CacheBlend prompt file/folder or MuSiQue-style JSON list")],
-    methods: Annotated[str, typer.Option(help="comma list: full, reuse, blend, blend[key=value,...], prefix (vllm)")] = "full,reuse,blend",
+    dataset: Annotated[str, typer.Argument(help=(
+        "a bundled dataset (musique-dev, cacheblend, cacheblend-1 ... cacheblend-10) or a path: "
+        "CacheBlend prompt file/folder or MuSiQue-style JSON list"), show_default=False)],
+    methods: Annotated[str, typer.Option(help=r"comma list: full, reuse, blend, blend\[key=value,...], prefix (vllm engine)")] = "full,reuse,blend",
     limit: Annotated[Optional[int], typer.Option(min=1, help="first N records")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="keep each record's first K contexts, in order")] = None,
     shuffle_seed: Annotated[Optional[int], typer.Option(help="ask each record's chunks in a seeded shuffled order (precomputed in dataset order)")] = None,
@@ -36,12 +38,13 @@ def eval_command(
     threads: ThreadsOpt = None,
 ):
     """Compare methods against full prefill: F1, agreement, KL, TTFT and speed-up."""
-    from kvblend.eval.datasets import load_dataset
+    from kvblend.eval.datasets import load_dataset, resolve_dataset
     from kvblend.eval.methods import parse_methods
     from kvblend.eval.runner import evaluate
 
     try:
-        records = load_dataset(dataset, top_k=top_k, limit=limit)
+        path = resolve_dataset(dataset)
+        records = load_dataset(path, top_k=top_k, limit=limit)
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -58,7 +61,7 @@ def eval_command(
             task = progress.add_task(f"eval {len(records)} records x {len(specs)} methods", total=len(records))
             report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task), shuffle_seed=shuffle_seed)
         summary = report.summary()
-        table = Table(title=f"{dataset.name}: {len(records)} records, top-k {top_k or 'all'}")
+        table = Table(title=f"{escape(dataset)}: {len(records)} records, top-k {top_k or 'all'}")
         for col in ("method", "F1", "1st-tok agree", "tok agree", "KL first", "KL tf16", "TTFT med (s)", "speed-up"):
             table.add_column(col, justify="right")
         for name, s in summary.items():

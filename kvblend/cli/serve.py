@@ -32,6 +32,7 @@ def serve(
     """Serve /v1/completions and /v1/chat/completions; a body's `kvblend: {"chunks": [...]}` is blended.
 
     Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
+    Needs vLLM: pip install 'kvblend\\[vllm]' on CPU (docs/vllm.md).
     """
     from kvblend.config import BlendConfig, KVBlendConfig, parse_bytes
     from kvblend.engines.vllm import connector_config, tune_worker_environment

@@ -60,7 +60,7 @@ def verify(directory: DirArg, delete: Annotated[bool, typer.Option(help="remove 
 @store_app.command()
 def stats(
     directory: Annotated[Optional[Path], typer.Argument(help="store directory")] = None,
-    remote: Annotated[Optional[str], typer.Option(help="redis://host:port/db of a shared tier")] = None,
+    remote: Annotated[Optional[str], typer.Option(help=r"redis://host:port/db of a shared tier (pip install 'kvblend\[redis]')")] = None,
 ):
     """Objects and bytes per tier, and hit rates accumulated by the processes that used the store."""
     from kvblend.store.remote import RedisStore
@@ -156,7 +156,8 @@ def bench_store_command(
     context_tokens: Annotated[int, typer.Option(min=64, help="prompt size of the TTFT comparison")] = 4096,
     repeats: Annotated[int, typer.Option(min=1)] = 3,
     ttft: Annotated[bool, typer.Option(help="also compare blend TTFT with chunks on disk vs in memory")] = True,
-    datasets: Annotated[Optional[Path], typer.Option(help="folder with musique_dev.json (text source)")] = Path("../shared/datasets"),
+    datasets: Annotated[Optional[Path], typer.Option(file_okay=False, help=(
+        "folder with a musique_dev.json to cut contexts from (default: the MuSiQue records shipped with kvblend)"))] = None,
     model: ModelOpt = "smollm2-135m",
     threads: ThreadsOpt = None,
 ):

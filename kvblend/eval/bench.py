@@ -1,9 +1,10 @@
 """TTFT benchmark: full prefill vs full reuse vs blend at several ratios, in one interleaved run.
 
-Contexts are cut from real text (the MuSiQue passages when the shared datasets are there, else
-the bundled sample) into chunks of a fixed token count, so every method sees the same prompt.
-Speed-ups are medians of per-repeat ratios, measured side by side, since the machine's absolute
-speed drifts; each is printed beside DESIGN §7's compute bound 1 / (c/L + (1 - c/L)·r).
+Contexts are cut from real text (the MuSiQue passages shipped with kvblend, or a folder holding
+another musique_dev.json) into chunks of a fixed token count, so every method sees the same prompt.
+Speed-ups are medians of per-repeat ratios, measured side by side, because a machine's absolute
+speed drifts between runs; each is printed beside the compute bound 1 / (c/L + (1 - c/L)·r)
+(docs/design.md, "Performance model").
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ QUESTION = "\n\nSummarise the passages above in one sentence.\nAnswer:"
 
 
 def corpus_text(datasets: Path | None = None) -> str:
-    """Real text to cut contexts from."""
-    musique = datasets / "musique_dev.json" if datasets else None
-    if musique and musique.exists():
+    """Real text to cut contexts from: the passages of `datasets`/musique_dev.json (default: the
+    bundled MuSiQue records), else the bundled sample prompt repeated."""
+    from kvblend.eval.datasets import bundled_dir
+
+    musique = Path(datasets or bundled_dir()) / "musique_dev.json"
+    if musique.exists():
         records = json.loads(musique.read_text())
         return "\n\n".join(c["text"] for r in records for c in r["ctxs"])
     sample = json.loads(resources.files("kvblend").joinpath("data/sample.json").read_text())
@@ -38,7 +42,7 @@ def make_chunks(kb: KVBlend, text: str, context_tokens: int, chunk_tokens: int) 
 
 
 def compute_bound(ratio: float, full_layers: int, layers: int) -> float:
-    """DESIGN §7: the blend's compute-bound speed-up over full prefill."""
+    """The blend's compute-bound speed-up over full prefill (docs/design.md, "Performance model")."""
     share = full_layers / layers
     return 1.0 / (share + (1 - share) * ratio)
 

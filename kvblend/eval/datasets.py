@@ -3,17 +3,52 @@
 - CacheBlend prompt files: {"0": chunk, ..., "k-1": chunk, "chunk_num": k, "query": question}
 - MuSiQue-style lists: [{"question", "answers", "ctxs": [{"title", "text"}]}]
 A plain JSON list of strings is accepted as a chunks file too.
+
+Both ship with kvblend (`kvblend/data/datasets/`, sources and licences in its NOTICE.md) and are
+addressable by name wherever a dataset path is taken: `musique-dev`, `cacheblend` (the ten
+CacheBlend prompts) and `cacheblend-1` ... `cacheblend-10`.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 QA_INSTRUCTION = (
     "Answer the question based on the given passages. Answer the question within 5 words. "
     "Do NOT repeat the question or output any other words. Question: {question}\nAnswer:"
 )
+
+
+def bundled_dir() -> Path:
+    """The folder of the evaluation data shipped with kvblend (holds musique_dev.json and cacheblend/)."""
+    return Path(str(resources.files("kvblend").joinpath("data", "datasets")))
+
+
+def _bundled() -> dict[str, str]:
+    names = {"musique-dev": "musique_dev.json", "cacheblend": "cacheblend"}
+    names.update({f"cacheblend-{i}": f"cacheblend/{i}.json" for i in range(1, 11)})
+    return names
+
+
+BUNDLED: dict[str, str] = _bundled()
+"""Name of each bundled dataset -> its path inside `bundled_dir()`."""
+
+
+def resolve_dataset(name_or_path: str | Path) -> Path:
+    """A bundled dataset's name (`musique-dev`, `cacheblend`, `cacheblend-3`) or an existing path.
+
+    An existing file or folder wins over a name, so a local file called `musique-dev` is still read.
+    """
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    key = str(name_or_path).strip().lower()
+    if key in BUNDLED:
+        return bundled_dir() / BUNDLED[key]
+    names = ", ".join(["musique-dev", "cacheblend", "cacheblend-1 ... cacheblend-10"])
+    raise ValueError(f"{name_or_path}: no such file or folder, and not a bundled dataset ({names})")
 
 
 @dataclass
@@ -44,8 +79,10 @@ def _musique(obj: dict) -> Record:
     return Record(chunks=chunks, question=QA_INSTRUCTION.format(question=obj["question"]), answers=list(obj["answers"]))
 
 
-def load_chunks_file(path: Path) -> Record:
-    """One prompt: a CacheBlend file, or a JSON list of chunk strings (no question)."""
+def load_chunks_file(path: str | Path) -> Record:
+    """One prompt: a CacheBlend file (or a bundled one's name, e.g. `cacheblend-1`), or a JSON list
+    of chunk strings (no question)."""
+    path = resolve_dataset(path)
     obj = _read_json(path)
     if isinstance(obj, dict):
         return _cacheblend(obj, path)
@@ -54,9 +91,10 @@ def load_chunks_file(path: Path) -> Record:
     raise ValueError(f"{path}: expected a CacheBlend prompt object or a list of chunk strings")
 
 
-def load_dataset(path: Path, top_k: int | None = None, limit: int | None = None) -> list[Record]:
-    """A dataset: a CacheBlend file, a folder of them, or a MuSiQue-style list."""
-    path = Path(path)
+def load_dataset(path: str | Path, top_k: int | None = None, limit: int | None = None) -> list[Record]:
+    """A dataset: a CacheBlend file, a folder of them, or a MuSiQue-style list; a path or a bundled
+    dataset's name (`musique-dev`, `cacheblend`, `cacheblend-1` ... `cacheblend-10`)."""
+    path = resolve_dataset(path)
     if path.is_dir():
         files = sorted(path.glob("*.json"), key=lambda p: (len(p.stem), p.stem))
         if not files:
