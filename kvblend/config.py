@@ -100,6 +100,7 @@ def parse_bytes(value: Any) -> Any:
 
 
 ByteSize = Annotated[int, Field(ge=0)]
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "valkey://")  # what a remote tier's URL may start with
 
 
 class StoreConfig(BaseModel):
@@ -143,7 +144,7 @@ class StoreConfig(BaseModel):
     @field_validator("remote_url")
     @classmethod
     def _redis_url(cls, v: str | None) -> str | None:
-        if v and not v.startswith(("redis://", "rediss://", "unix://", "valkey://")):
+        if v and not v.startswith(REMOTE_SCHEMES):
             raise ValueError(f"remote_url {v!r} must look like redis://host:port/db")
         return v
 

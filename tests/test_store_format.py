@@ -13,6 +13,7 @@ from kvblend.cli import app
 from kvblend.store import ChunkKV, DiskStore, MemoryStore
 from kvblend.store import disk as disk_module
 from kvblend.store.codecs import CODECS, roundtrip
+from kvblend.store.disk import ObjectTooLarge
 from kvblend.store.format import HEAD_READ, CorruptObject, encode_object, parse_header
 
 runner = CliRunner()
@@ -205,7 +206,8 @@ def test_disk_cap_is_never_exceeded_and_eviction_is_lru(tmp_path):
     assert dir_bytes(disk.root) <= cap and disk.stats.evictions == 5
     assert disk.contains(kvs[0].key) and disk.contains(kvs[7].key) and not disk.contains(kvs[1].key)
     big = make_kv(99, shape=(4, 2, 200, 16))
-    disk.put(big.key, big)  # larger than the whole tier: refused, nothing evicted for it
+    with pytest.raises(ObjectTooLarge, match="exceeds the tier cap"):
+        disk.put(big.key, big)  # larger than the whole tier: refused, nothing evicted for it
     assert not disk.contains(big.key) and disk.contains(kvs[0].key)
 
 

@@ -52,12 +52,53 @@ CodecOpt = Annotated[Optional[str], typer.Option("--codec", callback=known_codec
     "KV codec of the store: raw, fp8 or int8 (default: the store config's, else raw; stored objects keep theirs)"))]
 
 
+STORE_KINDS = "a store is a directory, a .yaml store config or a redis:// URL"
+
+
+def check_store_spec(store: str) -> None:
+    """Refuse a --store that cannot be a store (a file, a web address) with one sentence saying why."""
+    from pathlib import Path
+
+    from kvblend.config import REMOTE_SCHEMES
+
+    if "://" in store:
+        scheme = store.split("://", 1)[0]
+        if f"{scheme}://" not in REMOTE_SCHEMES:
+            raise ValueError(f"--store {store}: {STORE_KINDS}, not a {scheme}:// address")
+        return
+    path = Path(store).expanduser()
+    if path.exists() and not path.is_dir() and path.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"--store {store} is a file, not a store folder ({STORE_KINDS})")
+
+
+def one_sentence(exc: Exception) -> str:
+    """A pydantic ValidationError as 'field: problem' parts, without its dump and links; others as they are."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for e in errors():
+        where = ".".join(str(x) for x in e.get("loc", ()))
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
 def store_config(store: str | StoreConfig | None, codec: str | None) -> StoreConfig:
-    """The --store spec (directory, redis:// URL, YAML file) with --codec, when given, over its codec."""
+    """The --store spec (directory, redis:// URL, YAML file) with --codec, when given, over its codec.
+
+    A spec that cannot be a store is a ValueError in one sentence, naming it."""
+    from pydantic import ValidationError
+
     from kvblend.config import StoreConfig
 
-    config = StoreConfig.from_spec(store)
-    return config if codec is None else StoreConfig.model_validate(config.model_dump() | {"codec": codec})
+    if isinstance(store, str):
+        check_store_spec(store)
+    try:
+        config = StoreConfig.from_spec(store)
+        return config if codec is None else StoreConfig.model_validate(config.model_dump() | {"codec": codec})
+    except ValidationError as exc:
+        raise ValueError(f"store {store}: {one_sentence(exc)}") from None
 
 
 def make_kvblend(model: str, store: str | StoreConfig | None, device: str, dtype: str, engine: str = "hf",

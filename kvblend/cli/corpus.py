@@ -29,19 +29,29 @@ class TokensPerSecond(ProgressColumn):
         return Text(f"{speed:,.0f} tok/s" if speed else "– tok/s", style="progress.data.speed")
 
 
-def _fail(message: object) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
-    return typer.Exit(2)
+def _fail(message: object, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
 
 
 def _load_tokenizer_and_config(model: str):
-    """Only what a dry run needs: no weights are loaded."""
+    """What planning needs (a dry run, the checks before a model loads): no weights are loaded."""
     from transformers import AutoConfig, AutoTokenizer
 
     from kvblend.models.registry import resolve_model
 
     source = resolve_model(model)
     return AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
+
+
+def _check_chunk_tokens(chunk_tokens: int, model: str, tokenizer, config) -> None:
+    """Refuse chunks the model cannot encode: each is encoded after its BOS, within the model's positions."""
+    positions = getattr(config, "max_position_embeddings", None)
+    context = 1 if tokenizer.bos_token_id is not None else 0
+    if positions is not None and chunk_tokens + context > positions:
+        raise _fail(f"--chunk-tokens {chunk_tokens} is more than {model} can encode: its context is {positions} positions"
+                    + (", one of them the BOS each chunk is encoded after" if context else "")
+                    + f"; use at most {positions - context}")
 
 
 def _token_progress() -> Progress:
@@ -68,7 +78,7 @@ def precompute(
     threads: ThreadsOpt = None,
 ):
     """Chunk a corpus, encode every chunk's KV into the store (resumable) and index the chunks."""
-    from kvblend.corpus import ChunkSplitter, CorpusError, CorpusFolder, kv_bytes_per_token, plan_chunks, read_corpus
+    from kvblend.corpus import ChunkSplitter, CorpusError, CorpusFolder, CorpusLocked, kv_bytes_per_token, plan_chunks, read_corpus
 
     read = read_corpus(paths, text_field=text_field, encoding=encoding)
     for problem in read.problems:
@@ -77,33 +87,49 @@ def precompute(
         raise _fail("no readable text in the given paths; nothing to precompute")
     try:
         spec = store_config(store, codec)
-    except ValueError as exc:
+        tokenizer, config = _load_tokenizer_and_config(model)
+        planned = plan_chunks(read.documents, ChunkSplitter(tokenizer, chunk_tokens), tokenizer)
+    except (ValueError, OSError) as exc:
         raise _fail(exc)
-    with nullcontext() if dry_run else make_kvblend(model, spec, device, dtype, threads=threads) as kb:
-        tokenizer, config = _load_tokenizer_and_config(model) if kb is None else (kb.tokenizer, kb.model.config)
-        try:
-            planned = plan_chunks(read.documents, ChunkSplitter(tokenizer, chunk_tokens), tokenizer)
-        except ValueError as exc:
-            raise _fail(exc)
-        total_tokens = sum(p.tokens for p in planned)
-        per_token = kv_bytes_per_token(config, dtype, spec.codec)
-        console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
-                      f"KV {per_token:,} B/token ({dtype}, {spec.codec}) → store needs {decimal(per_token * total_tokens)}")
-        if dry_run:
-            return
+    _check_chunk_tokens(chunk_tokens, model, tokenizer, config)
+    total_tokens = sum(p.tokens for p in planned)
+    per_token = kv_bytes_per_token(config, dtype, spec.codec)
+    console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
+                  f"KV {per_token:,} B/token ({dtype}, {spec.codec}) → store needs {decimal(per_token * total_tokens)}")
+    if dry_run:
+        return
+    if not (spec.disk_dir or spec.remote_url):
+        raise _fail(f"store {store!r} has no disk or remote tier: the chunks would be gone when this command ends")
+    try:
+        folder = CorpusFolder.for_store(store, corpus)
+        lock = folder.lock()
+        lock.acquire()
+    except (CorpusError, CorpusLocked, OSError) as exc:
+        raise _fail(exc)
+    try:
+        with make_kvblend(model, spec, device, dtype, threads=threads) as kb:
+            try:
+                folder.claim(model, kb.adapter.fingerprint)
+            except CorpusError as exc:
+                raise _fail(exc)
+            report = _encode(kb, planned, folder, per_token)
+        # the store is closed: every write has landed or failed
+        indexed = _index(embedder, folder) if index else True
+    finally:
+        lock.release()
+    if report.failed:
+        reasons = report.failure_reasons()
+        console.print(f"[red]error:[/red] {len(report.failed)} of {len(planned)} chunks could not be stored, so they are not "
+                      f"in the manifest or the index:")
+        for reason, count in reasons.most_common(5):
+            console.print(f"  {count} × {reason}", soft_wrap=True, highlight=False)
+        console.print("fix the store and run the same command again: chunks already stored are not encoded twice")
+    if report.failed or not indexed:
+        raise typer.Exit(1)
 
-        try:
-            folder = CorpusFolder.for_store(store, corpus)
-            folder.claim(model, kb.adapter.fingerprint)
-        except CorpusError as exc:
-            raise _fail(exc)
-        records = _encode(kb, planned, folder, per_token)
-        if index:
-            _index(records, embedder, folder)
 
-
-def _encode(kb, planned, folder, per_token: int) -> list:
-    """Store every chunk's KV with a progress bar (tokens/s, ETA); returns the chunks' manifest records."""
+def _encode(kb, planned, folder, per_token: int):
+    """Store every chunk's KV with a progress bar (tokens/s, ETA); returns the PrecomputeReport."""
     from kvblend.corpus import store_chunks
 
     started = time.perf_counter()
@@ -117,28 +143,50 @@ def _encode(kb, planned, folder, per_token: int) -> list:
             else:  # already stored: out of the work to do, so tokens/s and ETA stay honest
                 progress.update(task, total=progress.tasks[task].total - item.tokens, done=done)
 
-        report = store_chunks(kb, planned, manifest, on_chunk=advance)
-        records = [manifest.records[p.chunk.id] for p in planned]
-    if flush := getattr(kb.store, "flush", None):
-        flush()  # background disk writes are done before the run reports success
+        try:
+            report = store_chunks(kb, planned, manifest, on_chunk=advance)
+        except OSError as exc:  # the manifest itself could not be written (a full disk)
+            raise _fail(f"{exc}; chunks stored but not recorded are found (not encoded again) by the next run", code=1)
+        except ValueError as exc:
+            raise _fail(exc)
+    failed = f"; [red]{len(report.failed)} failed[/red] (not stored)" if report.failed else ""
     console.print(f"encoded {report.encoded} chunks ({report.tokens_encoded:,} tokens, {decimal(report.tokens_encoded * per_token)}) "
-                  f"in {time.perf_counter() - started:.1f}s; skipped {report.skipped} already stored")
-    return records
+                  f"in {time.perf_counter() - started:.1f}s; skipped {report.skipped} already stored{failed}")
+    return report
 
 
-def _index(records: list, embedder: str | None, folder) -> None:
+def _index(embedder: str | None, folder) -> bool:
+    """Make the saved index cover every chunk the manifest records (this run's and earlier ones'); False if it could not be saved."""
     from kvblend.corpus import ChunkIndex, Embedder
 
+    records = list(folder.manifest().records.values())
     try:
         emb = Embedder(embedder)
     except (ValueError, OSError) as exc:
         raise _fail(exc)
+    try:
+        current = folder.load_index() if folder.has_index() else None
+    except (ValueError, OSError) as exc:
+        console.print(f"[yellow]rebuilding the index:[/yellow] {exc}")
+        current = None
+    if current is not None and (current.embedder != emb.name or current.faiss_index.d != emb.dim):
+        console.print(f"[yellow]rebuilding the index[/yellow] with {emb.name} (it was built with {current.embedder})")
+        current = None
+    if current is None:
+        current = ChunkIndex.build([], emb)
+    todo = current.missing(records)
     with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), console=console) as progress:
-        task = progress.add_task("embedding", total=len({r.key for r in records}))
-        built = ChunkIndex.build(records, emb, on_batch=lambda n: progress.advance(task, n))
-    folder.save_index(built)
-    console.print(f"indexed {len(built.records)} unique chunks with {emb.name} → {folder.root}")
+        task = progress.add_task("embedding", total=len(todo))
+        built = current.cover(records, emb, on_batch=lambda n: progress.advance(task, n))
+    try:
+        folder.save_index(built)
+    except OSError as exc:
+        console.print(f"[red]error:[/red] could not save the index in {folder.root}: {exc}; the manifest's chunks are "
+                      "all stored: run the same command again once there is room (nothing is encoded again)")
+        return False
+    console.print(f"indexed {len(built.records)} unique chunks ({len(todo)} new) with {emb.name} → {folder.root}")
+    return True
 
 
 @app.command()
@@ -162,10 +210,18 @@ def ask(
     """Retrieve the top-k chunks of the store's corpus for QUESTION, blend their caches, stream the answer."""
     from kvblend.corpus import CorpusError, CorpusFolder, Embedder, ensure_cached
 
+    if not question.strip():
+        raise _fail("the question is empty: ask something")
     try:
+        store_config(store, codec)
         folder = CorpusFolder.for_store(store, corpus)
         chunk_index = folder.load_index()
         emb = Embedder(embedder or chunk_index.embedder)
+        if chunk_index.behind:
+            console.print(f"[yellow]{len(chunk_index.behind)} chunks of the manifest are not in the saved index[/yellow] "
+                          "(a precompute that could not save it): embedding them for this question; run the precompute "
+                          "again to save them")
+            chunk_index = chunk_index.cover(list(folder.manifest().records.values()), emb)
         hits = chunk_index.search(emb, question, top_k)
     except (CorpusError, ValueError, OSError) as exc:
         raise _fail(exc)

@@ -18,16 +18,25 @@ store_app = typer.Typer(no_args_is_help=True, help="Inspect, verify and trim KV 
 app.add_typer(store_app, name="store")
 out = Console()
 
-DirArg = Annotated[Path, typer.Argument(help="store directory (the disk tier)")]
+DirArg = Annotated[str, typer.Argument(help="store directory (the disk tier)")]
 
 
-def _disk(directory: Path):
+def _disk(directory: str):
+    """The disk tier in `directory`; a clean exit naming the problem if it is a URL, a file or absent."""
     from kvblend.store import DiskStore
 
-    if not directory.is_dir():
-        console.print(f"[red]error:[/red] {directory} is not a directory")
+    if "://" in directory:
+        console.print(f"[red]error:[/red] {directory} is a URL, not a store directory: for a shared Redis tier use "
+                      f"`kvblend store stats --remote {directory}`", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
-    return DiskStore(directory)
+    path = Path(directory).expanduser()
+    if path.is_file():
+        console.print(f"[red]error:[/red] {directory} is a file, not a store directory", highlight=False)
+        raise typer.Exit(2)
+    if not path.is_dir():
+        console.print(f"[red]error:[/red] {directory} is not a directory", highlight=False)
+        raise typer.Exit(2)
+    return DiskStore(path)
 
 
 def _size(n: float | None) -> str:
@@ -42,39 +51,74 @@ def _size(n: float | None) -> str:
 
 
 @store_app.command()
-def verify(directory: DirArg, delete: Annotated[bool, typer.Option(help="remove the bad objects")] = False):
-    """Check every object (header, size, each layer's checksum); list the bad ones, exit 1 if any."""
+def verify(directory: DirArg, delete: Annotated[bool, typer.Option(help="remove bad objects and leftover temporary files")] = False):
+    """Check every object (header, size, each layer's checksum) and list anything else in the store's folders:
+    exit 1 if an object is bad or a file is foreign or left by a dead writer, 2 if the folder is not a store."""
     disk = _disk(directory)
+    root = disk.root
     entries = disk.entries()
+    strays = disk.strays()
+    if not entries and not strays.store_files and strays.foreign:
+        console.print(f"[red]error:[/red] {directory} is not a kvblend store: it holds no objects, and "
+                      f"{len(strays.foreign)} other entries (first: {strays.foreign[0].relative_to(root)})", soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
     bad = [(e, why) for e in entries if (why := disk.verify(e)) is not None]
     for e, why in bad:
-        out.print(f"bad {e.path.relative_to(directory)} [red]{why}[/red]", soft_wrap=True, highlight=False)
+        out.print(f"bad {e.path.relative_to(root)} [red]{why}[/red]", soft_wrap=True, highlight=False)
         if delete:
             e.path.unlink(missing_ok=True)
+    for f in strays.foreign:
+        out.print(f"foreign {f.relative_to(root)} [yellow]not a kvblend object (left as it is)[/yellow]", soft_wrap=True, highlight=False)
+    for f in strays.leftover:
+        out.print(f"leftover {f.relative_to(root)} [yellow]temporary file of a writer that died[/yellow]", soft_wrap=True, highlight=False)
+        if delete:
+            f.unlink(missing_ok=True)
+    if strays.writing:
+        out.print(f"{len(strays.writing)} objects are being written (temporary files newer than a minute)")
+    problems = []
     if bad:
-        out.print(f"{len(bad)} of {len(entries)} objects in {directory} are bad" + (" (removed)" if delete else ""))
+        problems.append(f"{len(bad)} of {len(entries)} objects are bad" + (" (removed)" if delete else ""))
+    if strays.foreign:
+        problems.append(f"{len(strays.foreign)} files are foreign")
+    if strays.leftover:
+        problems.append(f"{len(strays.leftover)} temporary files are leftovers" + (" (removed)" if delete else ""))
+    if problems:
+        out.print(f"{directory}: " + "; ".join(problems), highlight=False)
         raise typer.Exit(1)
-    out.print(f"{len(entries)} objects in {directory}: all sound")
+    out.print(f"{len(entries)} objects in {directory}: all sound" if entries else f"{directory}: an empty store (no objects)",
+              highlight=False)
 
 
 @store_app.command()
 def stats(
-    directory: Annotated[Optional[Path], typer.Argument(help="store directory")] = None,
+    directory: Annotated[Optional[str], typer.Argument(help="store directory, or a redis:// URL (as --remote)")] = None,
     remote: Annotated[Optional[str], typer.Option(help=r"redis://host:port/db of a shared tier (pip install 'kvblend\[redis]')")] = None,
 ):
     """Objects and bytes per tier, and hit rates accumulated by the processes that used the store."""
+    from kvblend.cli.common import one_sentence
+    from kvblend.config import StoreConfig
     from kvblend.store.remote import RedisStore
     from kvblend.store.stats import read_totals
 
+    if directory is not None and "://" in directory and remote is None:
+        directory, remote = None, directory
     if directory is None and remote is None:
         console.print("[red]error:[/red] give a store directory and/or --remote")
         raise typer.Exit(2)
     sizes = {}
-    if directory is not None:
-        sizes["disk"] = _disk(directory).summary()
+    disk = _disk(directory) if directory is not None else None
+    if disk is not None:
+        sizes["disk"] = disk.summary()
     if remote is not None:
+        try:
+            StoreConfig(remote_url=remote)
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {one_sentence(exc)}", highlight=False)
+            raise typer.Exit(2)
         sizes["remote"] = RedisStore(remote).summary()
-    totals = read_totals(directory) if directory is not None else {}
+        if sizes["remote"].get("error"):
+            console.print(f"[yellow]remote tier {remote} did not answer:[/yellow] {sizes['remote']['error']}", highlight=False)
+    totals = read_totals(disk.root) if disk is not None else {}
     table = Table(title="KV store")
     for col in ("tier", "objects", "bytes", "hits", "misses", "hit rate", "corrupt", "errors", "evictions", "read GB/s"):
         table.add_column(col, justify="right")

@@ -3,6 +3,7 @@
     <store dir>/corpus/corpus.json     model name and fingerprint (a store is tied to one model)
     <store>/corpus/manifest.jsonl  one line per stored chunk
     <store>/corpus/index.faiss     chunk embeddings; index.json maps rows to chunk ids
+    <store>/corpus/precompute.lock held by the one precompute writing here (pid, host)
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from kvblend.corpus.atomic import write_atomic
 from kvblend.corpus.index import ChunkIndex
+from kvblend.corpus.lock import PrecomputeLock
 from kvblend.corpus.manifest import Manifest
 
 
@@ -32,6 +34,8 @@ class CorpusFolder:
         disk = StoreConfig.from_spec(store).disk_dir
         if not disk:
             raise CorpusError(f"store {store!r} has no disk directory to keep the corpus index in: pass --corpus DIR")
+        if Path(disk).expanduser().exists() and not Path(disk).expanduser().is_dir():
+            raise CorpusError(f"store {disk} is a file, not a store folder: give a directory (or a .yaml store config)")
         return cls(Path(disk).expanduser() / "corpus")
 
     @property
@@ -52,8 +56,15 @@ class CorpusFolder:
         if not self.info_path.exists():
             write_atomic(self.info_path, json.dumps({"model": model, "fingerprint": fingerprint}).encode())
 
+    def has_index(self) -> bool:
+        return (self.root / "index.json").exists()
+
     def manifest(self) -> Manifest:
         return Manifest(self.root / "manifest.jsonl")
+
+    def lock(self) -> PrecomputeLock:
+        """The lock a precompute holds while it writes here (CorpusLocked, naming the holder, if taken)."""
+        return PrecomputeLock(self.root)
 
     def load_index(self) -> ChunkIndex:
         if not (self.root / "index.json").exists():

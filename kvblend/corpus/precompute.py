@@ -1,9 +1,12 @@
 """Corpus precompute: documents → chunks → KV in the store, one manifest line per stored chunk."""
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 
+from kvblend.corpus.landing import Landing
 from kvblend.corpus.manifest import ChunkRecord, Manifest
 from kvblend.corpus.reader import Document
 from kvblend.corpus.splitter import Chunk, ChunkSplitter
@@ -49,27 +52,56 @@ def ensure_cached(kb, texts: list[str]) -> list[CacheStatus]:
 
 @dataclass
 class PrecomputeReport:
-    encoded: int = 0
-    skipped: int = 0
+    encoded: int = 0  # encoded and stored in every durable tier
+    skipped: int = 0  # already stored
     tokens_encoded: int = 0
+    failed: list[tuple[ChunkRecord, dict[str, str]]] = field(default_factory=list)  # not stored: {tier: error}
+
+    def failure_reasons(self) -> Counter[str]:
+        """'tier: error' → how many chunks failed so."""
+        return Counter(f"{tier} tier: {why}" for _, failures in self.failed for tier, why in failures.items())
 
 
 def store_chunks(kb, planned: list[PlannedChunk], manifest: Manifest,
                  on_chunk: Callable[[PlannedChunk, bool], None] | None = None) -> PrecomputeReport:
     """Encode each chunk missing (or damaged) in kb's store and record it; valid stored ones are skipped.
 
-    The manifest line is written after the store accepted the chunk, so a kill loses nothing stored.
+    A chunk's manifest line is written only once its object is in every durable tier of the store
+    (the background writes report back), so neither a kill nor a failed write leaves the manifest
+    claiming a chunk the store lacks; chunks whose writes failed are in the report, not the manifest.
+    `on_chunk(item, computed)` follows the encoding, for progress. An OSError from the manifest
+    itself (a full disk) ends the run: what was stored is found again by the next run.
     """
     report = PrecomputeReport()
-    for item in planned:
-        [status] = ensure_cached(kb, [item.chunk.text])
-        c = item.chunk
-        manifest.append(ChunkRecord(id=c.id, source=c.source, start=c.start, end=c.end, key=status.key, tokens=status.tokens, text=c.text))
-        if status.hit:
-            report.skipped += 1
-        else:
-            report.encoded += 1
-            report.tokens_encoded += status.tokens
-        if on_chunk:
-            on_chunk(item, not status.hit)
+
+    def record(done: list[tuple[tuple[ChunkRecord, bool], dict[str, str]]]) -> None:
+        for (rec, computed), failures in done:
+            if failures:
+                report.failed.append((rec, failures))
+                continue
+            manifest.append(rec)
+            if computed:
+                report.encoded += 1
+                report.tokens_encoded += rec.tokens
+            else:
+                report.skipped += 1
+
+    with Landing(kb.store) as landing:
+        try:
+            for item in planned:
+                [status] = ensure_cached(kb, [item.chunk.text])
+                c = item.chunk
+                rec = ChunkRecord(id=c.id, source=c.source, start=c.start, end=c.end, key=status.key, tokens=status.tokens, text=c.text)
+                if status.hit:
+                    landing.found(status.key, (rec, False))
+                else:
+                    landing.wrote(status.key, (rec, True))
+                if on_chunk:
+                    on_chunk(item, not status.hit)
+                record(landing.ready())
+        except BaseException:
+            with suppress(OSError):  # on the way out (Ctrl-C, a full disk): record what did land
+                record(landing.finish())
+            raise
+        record(landing.finish())
     return report

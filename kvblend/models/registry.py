@@ -89,7 +89,10 @@ def _gguf_to_hf(gguf: Path, out: Path) -> None:
 
 
 def resolve_model(name: str) -> str:
-    """An alias becomes its local folder (pulled if needed); anything else is passed through."""
+    """An alias becomes its local folder (pulled if needed); a path must be a Hugging Face folder.
+
+    Nothing else is accepted: a name that is neither would be a model hub id, and kvblend fetches
+    nothing from a model hub."""
     if name in ALIASES:
         return str(pull_model(name))
     path = Path(name).expanduser()
@@ -97,7 +100,11 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
         return str(path)
-    return name  # a hub id, for machines that reach a hub
+    if path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 1:
+        raise FileNotFoundError(f"model folder {name} does not exist (kvblend fetches nothing from a model hub; "
+                                f"known aliases: {', '.join(sorted(ALIASES))})")
+    raise ValueError(f"unknown model {name!r}: known aliases are {', '.join(sorted(ALIASES))}, or give a local "
+                     "Hugging Face folder (kvblend fetches nothing from a model hub)")
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "float32"):

@@ -1,7 +1,8 @@
 """The disk tier: one object file per chunk in a directory that several processes may share.
 
 Files live at root/<key[:2]>/<key>.kvb. A write goes to a temporary file in the same folder and
-is renamed into place, so a reader (or a process killed mid-write) never sees half an object;
+is written out (fsync), given the mode the umask asks for and renamed into place (the folder
+synced too), so a reader, a process killed mid-write or a crash never sees half an object;
 readers keep their open descriptor, so a concurrent replace or eviction cannot change bytes under
 them. Recency is the file's access time (touched on every hit), which every process sees: LRU
 eviction under `max_bytes` picks the least recently used objects whoever used them. With a cap,
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvblend.store.base import ChunkKV
+from kvblend.store.durable import fsync_dir, new_file_mode
 from kvblend.store.format import CorruptObject, ObjectHeader, encode_object, parse_header
 from kvblend.store.lazy import LazyChunk
 from kvblend.store.stats import TierStats
@@ -34,6 +36,10 @@ STALE_TMP_S = 60.0  # a temporary file older than this belongs to a writer that 
 # layer is not: hashing it re-reads memory, ~8% slower overall on the project's machines).
 READ_PIECE = 256 * 2**10
 NOWAIT = getattr(os, "RWF_NOWAIT", None)  # a read that fails rather than wait for the device (Linux)
+
+
+class ObjectTooLarge(ValueError):
+    """An object bigger than the whole disk tier's cap: not stored (nothing is evicted for it)."""
 
 
 class FileReader:
@@ -100,6 +106,20 @@ class Entry:
     path: Path
     size: int
     atime_ns: int
+
+
+STORE_FILES = {".lock", "stats.json", "corpus"}  # what a store's root holds besides its object folders
+
+
+@dataclass
+class Strays:
+    """What a store folder holds that is not an object: other people's files, and temporary files
+    (being written now, or left by a writer that died: older than STALE_TMP_S)."""
+
+    foreign: list[Path]
+    writing: list[Path]
+    leftover: list[Path]
+    store_files: int  # .lock, stats.json, corpus/: signs that kvblend made this folder
 
 
 class DiskStore:
@@ -176,14 +196,14 @@ class DiskStore:
         header, blobs = encode_object(kv, self.codec)
         size = header.total_nbytes
         if self.max_bytes is not None and size > self.max_bytes:
-            log.warning("disk tier: object %s (%d bytes) exceeds the tier cap of %d bytes: not stored", key, size, self.max_bytes)
-            return
+            raise ObjectTooLarge(f"an object of {size} bytes exceeds the tier cap of {self.max_bytes} bytes ({self.root})")
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._room_for(size) if self.max_bytes is not None else nullcontext():
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as f:
+                    os.fchmod(fd, new_file_mode())
                     f.write(header.to_bytes())
                     for parts in blobs:
                         for part in parts:
@@ -191,6 +211,10 @@ class DiskStore:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
+                fsync_dir(path.parent)
+            except OSError as exc:  # the message names the folder, not the temporary file (one reason for every chunk)
+                Path(tmp).unlink(missing_ok=True)
+                raise OSError(exc.errno, f"cannot write to {self.root}: {exc.strerror or exc}") from exc
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
@@ -245,6 +269,26 @@ class DiskStore:
                     except FileNotFoundError:
                         continue
                     out.append(Entry(f.name[: -len(SUFFIX)], Path(f.path), st.st_size, st.st_atime_ns))
+        return out
+
+    def strays(self) -> Strays:
+        """Everything in the folder that is not an object, by kind (the corpus folder is not looked into)."""
+        out, now = Strays([], [], [], 0), time.time()
+        for item in sorted(self.root.iterdir()):
+            if item.name in STORE_FILES:
+                out.store_files += 1
+            elif not (item.is_dir() and len(item.name) == 2):
+                out.foreign.append(item)
+            else:
+                for f in sorted(item.iterdir()):
+                    if f.is_file() and f.name.startswith(".") and f.name.endswith(".tmp"):
+                        try:
+                            old = now - f.stat().st_mtime > STALE_TMP_S
+                        except FileNotFoundError:  # renamed into place meanwhile
+                            continue
+                        (out.leftover if old else out.writing).append(f)
+                    elif not (f.is_file() and f.name.endswith(SUFFIX) and not f.name.startswith(".")):
+                        out.foreign.append(f)
         return out
 
     def header(self, entry: Entry) -> ObjectHeader:

@@ -3,7 +3,8 @@
 Each object is one Redis string holding exactly the bytes of the disk format, so a layer is one
 GETRANGE and is verified by its own checksum. The server is a cache, never a dependency: any
 failure (down at start, gone mid-run, timeouts) is logged once, counted, and the tier is skipped
-for `retry_s` before the next attempt; lookups then miss and writes to it are dropped. Its byte
+for `retry_s` before the next attempt; lookups then miss, and a write raises `RemoteUnavailable`
+so the writer counts it as failed (and precompute does not record the chunk as stored). Its byte
 cap is the server's own `maxmemory` (with an LRU policy such as allkeys-lru).
 """
 from __future__ import annotations
@@ -24,6 +25,10 @@ from kvblend.store.stats import TierStats
 
 log = logging.getLogger(__name__)
 PREFIX = "kvblend:obj:"
+
+
+class RemoteUnavailable(ConnectionError):
+    """A write the remote tier did not take: the server is down, or was a moment ago."""
 
 
 class RedisReader:
@@ -108,8 +113,9 @@ class RedisStore:
         return LazyChunk(header, RedisReader(self, name), self.stats, self.name, self.discard, self.pin)
 
     def put(self, key: str, kv: ChunkKV) -> None:
+        """Store the object on the server; RemoteUnavailable if it did not take it."""
         if not self.available():
-            return
+            raise RemoteUnavailable(f"{self.url} is unavailable (retried every {self.retry_s:.1f}s)")
         header, blobs = encode_object(kv, self.codec)
         data = bytearray(header.to_bytes())
         for parts in blobs:
@@ -119,7 +125,7 @@ class RedisStore:
             self.client.set(self.object_name(key), memoryview(data))
         except redis.RedisError as exc:
             self.failed(exc)
-            return
+            raise RemoteUnavailable(f"{self.url}: {exc}") from exc
         self._succeeded()
         self._bad.discard(key)
         self.stats.add(writes=1, bytes_written=len(data))

@@ -4,13 +4,17 @@ A lookup walks the tiers fastest first; a hit in a lower tier is promoted into t
 (memory tiers at once, or — for a lazily read object — as soon as all its layers are in).
 A put goes to the memory tiers at once and through to the serialized tiers on a background
 writer, so precompute never waits on a disk or a network; pending writes are visible to
-get/contains and are flushed on close and at interpreter exit.
+get/contains and are flushed on close and at interpreter exit. Write listeners learn when each
+write to the serialized tiers has finished and which tiers failed it: a caller that must not
+claim a chunk is stored (precompute's manifest) waits for that, not for `put` to return.
 """
 from __future__ import annotations
 
 import atexit
 import logging
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from kvblend.store.base import ChunkKV
@@ -20,7 +24,7 @@ from kvblend.store.disk import DiskStore
 from kvblend.store.lazy import LazyChunk
 from kvblend.store.memory import MemoryStore
 from kvblend.store.stats import TierStats, merge_into
-from kvblend.store.writer import WriteBehind
+from kvblend.store.writer import WriteBehind, WriteListener, write_each
 
 if TYPE_CHECKING:
     from kvblend.store.remote import RedisStore
@@ -37,7 +41,9 @@ class TieredStore:
         self.codec = codec
         self.controller = controller or LoadingController()
         self.rejected = TierStats()  # objects the consumer refused (foreign model, wrong shape)
-        self._writer = WriteBehind() if async_writes else None
+        self._listeners: list[WriteListener] = []
+        self._failing: set[str] = set()
+        self._writer = WriteBehind(on_written=self._written) if async_writes else None
         self._closed = False
         _open_stores.add(self)
 
@@ -95,11 +101,32 @@ class TieredStore:
         for tier in tiers:
             if isinstance(tier, MemoryStore):
                 tier.put(key, kv)
+        if not slow:
+            return
         if self._writer:
             self._writer.submit(key, kv, slow)
         else:
-            for tier in slow:
-                tier.put(key, kv)
+            self._written(key, write_each(key, kv, slow, self._failing))
+
+    # -- write listeners --------------------------------------------------------------------------
+    @property
+    def durable(self) -> bool:
+        """Whether anything put here outlives this process (a disk or remote tier)."""
+        return bool(self.serialized)
+
+    @contextmanager
+    def write_listener(self, listener: WriteListener) -> Iterator[None]:
+        """Call listener(key, failures) as each write to the serialized tiers finishes (on the writer's
+        thread when writes are asynchronous); failures maps tier name → error, empty when all have it."""
+        self._listeners.append(listener)
+        try:
+            yield
+        finally:
+            self._listeners.remove(listener)
+
+    def _written(self, key: str, failures: dict[str, str]) -> None:
+        for listener in list(self._listeners):
+            listener(key, failures)
 
     # -- lifecycle and reporting ------------------------------------------------------------------
     def flush(self) -> None:
