@@ -29,7 +29,7 @@ def main() -> None:
         s = result.stats
         print(f"{method:>5}: TTFT {s.ttft_s:.2f}s, {s.engine_cached_tokens}/{s.tokens_total} prompt tokens "
               f"not computed by vLLM | {result.text!r}")
-    kb.engine.close()
+    kb.close()
 
 
 if __name__ == "__main__":

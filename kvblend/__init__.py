@@ -8,8 +8,17 @@ import os
 # libgomp when torch loads, so set before the import below; vLLM's processes, spawned later, inherit it.
 os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
-from kvblend.api import GenerateResult, KVBlend, RequestStats  # noqa: E402
-from kvblend.config import BlendConfig, KVBlendConfig  # noqa: E402
-
 __all__ = ["BlendConfig", "GenerateResult", "KVBlend", "KVBlendConfig", "RequestStats"]
 __version__ = "0.1.0"
+_HOMES = {"KVBlend": "kvblend.api", "BlendConfig": "kvblend.config", "KVBlendConfig": "kvblend.config",
+          "GenerateResult": "kvblend.results", "RequestStats": "kvblend.results"}
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use: `import kvblend.engines.vllm` (in vLLM's worker) loads
+    only what it needs, not the API and the model stack behind it."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'kvblend' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_HOMES[name]), name)

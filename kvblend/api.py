@@ -1,11 +1,10 @@
 """The Python API: `KVBlend` precomputes chunk caches and answers questions over chunks."""
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Literal
 
 import torch
 
@@ -13,49 +12,14 @@ from kvblend.blend.chunks import chunk_key, encode_chunk, resolve_chunk_context
 from kvblend.blend.executor import BlendExecutor, CachedSpan
 from kvblend.blend.plan import Prompt, PromptBuilder
 from kvblend.config import BlendConfig, KVBlendConfig
-from kvblend.engines.hf import Sampling, decode, full_prefill, to_dynamic_cache
+from kvblend.engines.base import Engine, Request
+from kvblend.engines.hf import HFEngine, full_prefill, to_dynamic_cache
+from kvblend.engines.sampling import Sampling
 from kvblend.models import LayerwiseModel, load_model
+from kvblend.results import PREFILL_METHODS, GenerateResult, Method, Prefill, RequestStats
 from kvblend.store import ChunkKV, KVStore, choose_recompute_ratio, open_store, reject, start_prefetch, with_recompute
 
-Method = Literal["blend", "full", "reuse"]
-METHODS = ("blend", "full", "reuse")
 REUSE = BlendConfig(recompute_ratio=0.0, check_layers=[])
-
-
-@dataclass
-class RequestStats:
-    method: str
-    tokens_total: int = 0
-    tokens_cached: int = 0
-    tokens_recomputed: int = 0
-    chunk_hits: int = 0
-    chunk_misses: int = 0
-    # share of cached tokens recomputed (0 for reuse, None for full); chosen per request when "auto"
-    recompute_ratio: float | None = None
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    stages_s: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class Prefill:
-    """A prompt's KV for every layer plus its last-token logits: what decoding starts from."""
-
-    ids: torch.Tensor
-    cache: object  # transformers DynamicCache (None when the caller gave kv_out)
-    logits: torch.Tensor
-    stats: RequestStats
-
-
-@dataclass
-class GenerateResult:
-    text: str
-    token_ids: list[int]
-    ttft_s: float
-    stats: RequestStats
 
 
 class KVBlend:
@@ -66,6 +30,8 @@ class KVBlend:
     >>> kb.generate(["chunk two ...", "chunk one ..."], "question?").text
 
     engine="vllm" decodes with vLLM instead of transformers (the blend still runs here): docs/vllm.md.
+    Whatever the engine, `KVBlend` plans, prefills and builds the results; the engine turns
+    requests into tokens (kvblend.engines.base).
     """
 
     def __init__(
@@ -100,17 +66,22 @@ class KVBlend:
         self.stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        self.engine = None  # None: transformers decodes; else an object with generate/stream (kvblend.engines.vllm)
+        self.engine: Engine = HFEngine(self)
         if engine == "vllm":
             from kvblend.engines.vllm import VLLMEngine
 
             self.engine = VLLMEngine(self)
 
+    def with_engine(self, engine: Engine) -> "KVBlend":
+        """The same model, store and settings, answering through another engine (closing it closes that engine only)."""
+        view = copy.copy(self)
+        view.engine, view._owns_store = engine, False
+        return view
+
     def close(self) -> None:
         """Stop the decoding engine and land the store's background writes (closing the store if kvblend opened it)."""
         try:
-            if self.engine is not None:
-                self.engine.close()
+            self.engine.close()
         finally:
             finish = getattr(self.store, "close" if self._owns_store else "flush", None)
             if finish is not None:
@@ -131,6 +102,7 @@ class KVBlend:
 
         on_chunk(num_tokens, computed) is called after each text, for progress reporting.
         """
+        texts = list(texts)
         keys = []
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
@@ -143,6 +115,7 @@ class KVBlend:
             keys.append(key)
             if on_chunk:
                 on_chunk(len(ids), computed)
+        self.engine.warm(texts)
         return keys
 
     def _lookup(self, key: str, n_tokens: int) -> ChunkKV | None:
@@ -171,8 +144,8 @@ class KVBlend:
         `prompt` is `build_prompt(chunks, question)` when the caller has built it already. With
         `kv_out` (blend and reuse only: per-layer destinations, see `BlendExecutor.run`) the fused
         KV is written there and the result's cache is None."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if method not in PREFILL_METHODS:
+            raise ValueError(f"unknown prefill method {method!r}; choose one of {PREFILL_METHODS}")
         if kv_out is not None and method == "full":
             raise ValueError("kv_out is for blend and reuse; full prefill makes its own cache")
         t0 = time.perf_counter()
@@ -214,28 +187,45 @@ class KVBlend:
         return Prefill(ids=ids, cache=cache, logits=logits, stats=stats)
 
     # -- generation -----------------------------------------------------------------------------
+    def answer_text(self, tokens: Sequence[int]) -> str:
+        """The answer's text: stop tokens and special tokens left out."""
+        return self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True).strip()
+
+    def _run(self, requests: Sequence[Request], max_new_tokens: int, method: Method, sampling: Sampling | None,
+             config: BlendConfig | None, keep_prefill: bool = False):
+        if method not in self.engine.methods:
+            raise ValueError(f"method {method!r} is not available on the {type(self.engine).__name__}; "
+                             f"choose one of {self.engine.methods}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        return self.engine.run(requests, max_new_tokens, method, sampling or Sampling(), config, keep_prefill)
+
     def stream(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: Method = "blend",
                sampling: Sampling | None = None, config: BlendConfig | None = None) -> Iterator[int]:
         """Yield generated token ids as they come."""
-        if self.engine is not None:
-            yield from self.engine.stream(chunks, question, max_new_tokens, method, sampling, config)
-            return
-        pre = self.prefill(chunks, question, method, config)
-        yield from decode(self.model, pre.cache, pre.logits, pre.ids.numel(), max_new_tokens, sampling or Sampling(), self.stop_ids)
+        for event in self._run([(chunks, question)], max_new_tokens, method, sampling, config):
+            yield from event.tokens
+
+    def generate_many(self, requests: Sequence[Request], max_new_tokens: int = 64, method: Method = "blend",
+                      sampling: Sampling | None = None, config: BlendConfig | None = None,
+                      on_text: Callable[[int, str], None] | None = None, keep_prefill: bool = False) -> list[GenerateResult]:
+        """Answer several (chunks, question) requests; an engine that batches (vLLM) decodes them together.
+
+        on_text(request index, text) gets each request's new text as it comes. With keep_prefill the
+        results hold the prefill (cache and first-token logits) where the engine has one (transformers)."""
+        tokens: list[list[int]] = [[] for _ in requests]
+        stats: list[RequestStats | None] = [None] * len(requests)
+        prefills: list[Prefill | None] = [None] * len(requests)
+        for event in self._run(requests, max_new_tokens, method, sampling, config, keep_prefill):
+            tokens[event.index] += event.tokens
+            stats[event.index], prefills[event.index] = event.stats, event.prefill or prefills[event.index]
+            if on_text and event.tokens:
+                on_text(event.index, self.tokenizer.decode(event.tokens, skip_special_tokens=True))
+        return [GenerateResult(self.answer_text(t), t, s.ttft_s, s, p) for t, s, p in zip(tokens, stats, prefills)]
 
     def generate(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: Method = "blend",
                  sampling: Sampling | None = None, config: BlendConfig | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
+                 on_text: Callable[[str], None] | None = None, keep_prefill: bool = False) -> GenerateResult:
         """Answer `question` over `chunks` (in the given order); the first token comes from the blend."""
-        if self.engine is not None:
-            return self.engine.generate(chunks, question, max_new_tokens, method, sampling, config, on_text)
-        pre = self.prefill(chunks, question, method, config)
-        tokens: list[int] = []
-        t1 = time.perf_counter()
-        for tok in decode(self.model, pre.cache, pre.logits, pre.ids.numel(), max_new_tokens, sampling or Sampling(), self.stop_ids):
-            tokens.append(tok)
-            if on_text:
-                on_text(self.tokenizer.decode([tok], skip_special_tokens=True))
-        pre.stats.decode_s = time.perf_counter() - t1
-        text = self.tokenizer.decode([t for t in tokens if t not in self.stop_ids], skip_special_tokens=True)
-        return GenerateResult(text=text.strip(), token_ids=tokens, ttft_s=pre.stats.ttft_s, stats=pre.stats)
+        each = (lambda _, text: on_text(text)) if on_text else None
+        return self.generate_many([(chunks, question)], max_new_tokens, method, sampling, config, each, keep_prefill)[0]

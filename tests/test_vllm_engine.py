@@ -57,6 +57,11 @@ def engine(tmp_path_factory):
         yield eng
 
 
+def vllm(engine):
+    """The engine's KVBlend answering through vLLM (its own `kb` answers through transformers)."""
+    return engine.kb.with_engine(engine)
+
+
 def hf_tokens(kb, chunks, method="blend", config=None):
     return kb.generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method, config=config).token_ids
 
@@ -65,7 +70,7 @@ def hf_tokens(kb, chunks, method="blend", config=None):
 def test_vllm_gives_the_hf_engine_tokens(engine, method):
     """Invariant 5 through vLLM: same greedy tokens as transformers from the same fused KV."""
     chunks = CHUNKS[::-1]
-    result = engine.generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method)
+    result = vllm(engine).generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method)
     assert result.token_ids == hf_tokens(engine.kb, chunks, method)
     blended = method != "full"  # the whole prompt came from the hand-off; vLLM stepped only the first token
     assert result.stats.engine_cached_tokens == (result.stats.tokens_total if blended else 0)
@@ -74,8 +79,8 @@ def test_vllm_gives_the_hf_engine_tokens(engine, method):
 
 def test_full_recompute_blend_gives_full_prefill_tokens(engine):
     """Invariant 1 through vLLM: r = 1 reproduces vLLM's own full prefill."""
-    full = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
-    blend = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, config=BlendConfig(recompute_ratio=1.0))
+    full = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
+    blend = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, config=BlendConfig(recompute_ratio=1.0))
     assert blend.stats.engine_cached_tokens > 0
     assert blend.token_ids == full.token_ids
 
@@ -86,7 +91,7 @@ def test_missing_or_damaged_chunk_is_recomputed(engine):
     lost = kb.key_for(kb.builder.encode(CHUNKS[1]))
     kb.store.broken.add(lost)
     try:
-        result = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
+        result = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
         assert result.stats.chunk_misses == 1 and result.stats.chunk_hits == 3
         assert result.token_ids == hf_tokens(kb, CHUNKS)
         assert result.stats.engine_cached_tokens == result.stats.tokens_total
@@ -97,7 +102,7 @@ def test_missing_or_damaged_chunk_is_recomputed(engine):
 def test_chunk_damaged_on_disk_mid_request_is_recomputed(engine, tmp_path):
     """A layer that fails its checksum while the blend reads it: the chunk is re-encoded, same tokens as clean."""
     kb = engine.kb
-    clean = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS).token_ids
+    clean = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS).token_ids
     original = kb.store
     kb.store = open_store(StoreConfig(disk_dir=str(tmp_path), cpu_bytes=0))
     try:
@@ -106,7 +111,7 @@ def test_chunk_damaged_on_disk_mid_request_is_recomputed(engine, tmp_path):
         with open(kb.store.serialized[0].path(kb.key_for(kb.builder.encode(CHUNKS[1]))), "r+b") as f:
             f.seek(-64, os.SEEK_END)  # inside the last layer
             f.write(b"\xff" * 8)
-        result = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
+        result = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
         assert result.token_ids == clean and kb.store.serialized[0].stats.corrupt == 1
     finally:
         kb.store.close()
@@ -116,21 +121,21 @@ def test_chunk_damaged_on_disk_mid_request_is_recomputed(engine, tmp_path):
 def test_first_token_comes_from_the_blend(engine, monkeypatch):
     """The blend's own last-token logits give the first token: one token needs no vLLM request at all;
     sampled, the first token is the HF engine's and the whole answer reproducible under its seed."""
-    from kvblend.engines.hf import Sampling
+    from kvblend.engines.sampling import Sampling
 
     submitted = []
     add_request = engine.llm.llm_engine.add_request
     monkeypatch.setattr(engine.llm.llm_engine, "add_request", lambda *a, **k: submitted.append(a[0]) or add_request(*a, **k))
-    one = engine.generate(CHUNKS, QUESTION, max_new_tokens=1)
+    one = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=1)
     assert one.token_ids == hf_tokens(engine.kb, CHUNKS)[:1] and not submitted
     assert one.stats.engine_cached_tokens == 0 and one.stats.decode_s == 0.0 and only_spares_left(engine)
     stop_ids = engine.kb.stop_ids
     monkeypatch.setattr(engine.kb, "stop_ids", stop_ids | {one.token_ids[0]})  # a first token that stops
-    stopped = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
+    stopped = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
     assert stopped.token_ids == one.token_ids and not submitted and only_spares_left(engine)
     monkeypatch.setattr(engine.kb, "stop_ids", stop_ids)
     hot = Sampling(temperature=0.9, seed=3)
-    first, again = (engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, sampling=hot) for _ in range(2))
+    first, again = (vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, sampling=hot) for _ in range(2))
     assert len(submitted) == 2 and first.token_ids == again.token_ids  # seeded: reproducible
     assert first.token_ids[0] == engine.kb.generate(CHUNKS, QUESTION, max_new_tokens=1, sampling=hot).token_ids[0]
 
@@ -143,7 +148,7 @@ def test_handoff_of_a_prompt_prefix_serves_those_tokens(engine):
 
     ids = engine.kb.build_prompt(CHUNKS, QUESTION).ids
     cache, _ = full_prefill(engine.kb.model, torch.tensor(ids))
-    full = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full").token_ids
+    full = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full").token_ids
     for covered, digest, cached in [(len(ids) - 6, prompt_digest(ids[:-6]), len(ids) - 6), (20, prompt_digest(ids[1:21]), 0)]:
         key = uuid.uuid4().hex
         engine.handoff.save(key, HandoffHeader(covered, digest), [x.keys[0, :, :covered] for x in cache.layers],
@@ -167,7 +172,7 @@ def test_unreadable_handoff_makes_vllm_recompute(engine):
                         [x.keys[0] for x in layers], [x.values[0] for x in layers])
     params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PARAM: key}})
     out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-    full = engine.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
+    full = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
     assert list(out.outputs[0].token_ids) == full.token_ids
 
 
@@ -197,8 +202,8 @@ def test_requests_forked_from_one_share_its_handoff(engine):
 def test_concurrent_requests_each_get_their_own_cache(engine):
     """8 distinct blended prompts at once give the tokens each gives alone."""
     requests = [([CHUNKS[(i + j) % 4] for j in range(1 + i % 4)], f"Question {i}: {QUESTION}") for i in range(8)]
-    together = engine.generate_many(requests, max_new_tokens=TOKENS)
-    alone = [engine.generate(c, q, max_new_tokens=TOKENS) for c, q in requests]
+    together = vllm(engine).generate_many(requests, max_new_tokens=TOKENS)
+    alone = [vllm(engine).generate(c, q, max_new_tokens=TOKENS) for c, q in requests]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert len({tuple(r.token_ids) for r in alone}) > 1
     assert all(r.stats.engine_cached_tokens == r.stats.tokens_total for r in together)
@@ -211,7 +216,7 @@ def test_prompt_over_the_kv_cache_gets_vllms_error(engine):
     long_chunks = [c * 6 for c in CHUNKS]
     engine.kb.precompute(long_chunks)
     with pytest.raises(VLLMValidationError, match="maximum context length"):
-        engine.generate(long_chunks, QUESTION, max_new_tokens=TOKENS)
+        vllm(engine).generate(long_chunks, QUESTION, max_new_tokens=TOKENS)
     assert only_spares_left(engine)
 
 

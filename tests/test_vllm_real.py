@@ -21,6 +21,11 @@ def engine(real_kb):
         yield eng
 
 
+def vllm(engine):
+    """The engine's KVBlend answering through vLLM (its own `kb` answers through transformers)."""
+    return engine.kb.with_engine(engine)
+
+
 @pytest.fixture(scope="module")
 def examples(datasets):
     out = []
@@ -35,7 +40,7 @@ def test_vllm_and_transformers_give_the_same_tokens(engine, examples, method):
     kb = engine.kb
     for chunks, question in examples:
         kb.precompute(chunks)
-        on_vllm = engine.generate(chunks, question, max_new_tokens=TOKENS, method=method)
+        on_vllm = vllm(engine).generate(chunks, question, max_new_tokens=TOKENS, method=method)
         on_hf = kb.generate(chunks, question, max_new_tokens=TOKENS, method=method)
         assert on_vllm.token_ids == on_hf.token_ids, (on_vllm.text, on_hf.text)
         assert on_vllm.stats.engine_cached_tokens == (on_vllm.stats.tokens_total if method == "blend" else 0)
@@ -47,7 +52,7 @@ def test_a_chunk_lost_from_the_store_is_recomputed(engine, examples):
     chunks, question = examples[0]
     kb.precompute(chunks)
     kb.store.discard(kb.key_for(kb.builder.encode(chunks[2])), "test: lost")
-    on_vllm = engine.generate(chunks, question, max_new_tokens=TOKENS)
+    on_vllm = vllm(engine).generate(chunks, question, max_new_tokens=TOKENS)
     on_hf = kb.generate(chunks, question, max_new_tokens=TOKENS)
     assert on_vllm.stats.chunk_misses == 1 and on_vllm.stats.chunk_hits == len(chunks) - 1
     assert on_vllm.token_ids == on_hf.token_ids

@@ -2,43 +2,27 @@
 model's own forward decodes from it, one token at a time, streaming."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from kvblend.config import BlendConfig
+from kvblend.engines.sampling import Sampling
+from kvblend.results import PREFILL_METHODS, TokenEvent
 
-@dataclass
-class Sampling:
-    """temperature 0 means greedy."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"bad sampling parameters: temperature={self.temperature}, top_p={self.top_p}")
-
-    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        if self.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1).cpu()
-        if self.top_p < 1:
-            sorted_p, order = probs.sort(descending=True)
-            cut = sorted_p.cumsum(0) - sorted_p >= self.top_p
-            sorted_p[cut] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=generator))
+if TYPE_CHECKING:
+    from kvblend.api import KVBlend
 
 
 def to_dynamic_cache(config, keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
     """Per-layer [KV, N, D] tensors (keys rotated at absolute positions) → DynamicCache.
 
     A plain layer takes the tensors as they are: its `update` would concatenate them onto an
-    empty tensor, a copy of the whole prompt's KV (~3% of a blend's TTFT). Other layer kinds
+    empty tensor, a copy of the whole prompt's KV. Other layer kinds
     (sliding window) keep their own bookkeeping through `update`."""
     cache = DynamicCache(config=config)
     for i, (k, v) in enumerate(zip(keys, values)):
@@ -93,3 +77,31 @@ def truncate(cache: DynamicCache, n: int) -> None:
     extra = cache.get_seq_length() - n
     if extra > 0:
         cache.crop(-extra)
+
+
+class HFEngine:
+    """Decodes with the model's own forward, from the cache `KVBlend.prefill` made, one request at a time."""
+
+    methods = PREFILL_METHODS
+
+    def __init__(self, kb: "KVBlend"):
+        self.kb = kb
+
+    def run(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int, method: str, sampling: Sampling,
+            config: BlendConfig | None, keep_prefill: bool = False) -> Iterator[TokenEvent]:
+        for i, (chunks, question) in enumerate(requests):
+            pre = self.kb.prefill(chunks, question, method, config)
+            kept = pre if keep_prefill else None
+            t1 = time.perf_counter()
+            for token in decode(self.kb.model, pre.cache, pre.logits, pre.ids.numel(), max_new_tokens, sampling, self.kb.stop_ids):
+                yield TokenEvent(i, pre.stats, [token], kept)
+            pre.stats.decode_s = time.perf_counter() - t1
+
+    def warm(self, texts: Iterable[str]) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

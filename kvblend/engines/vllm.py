@@ -17,23 +17,22 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kvblend.api import GenerateResult, RequestStats
 from kvblend.config import BlendConfig
-from kvblend.engines.hf import Sampling
+from kvblend.engines.sampling import Sampling
 from kvblend.engines.vllm_handoff import PARAM, HandoffDir
 from kvblend.models import resolve_model
+from kvblend.results import METHODS, RequestStats, TokenEvent
 
 if TYPE_CHECKING:
     from kvblend.api import KVBlend
 
 log = logging.getLogger(__name__)
-METHODS = ("blend", "full", "reuse", "prefix")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 WORKER_BUSY_POLL_S = 1.0  # vLLM workers busy-poll this long after their last step (shm_broadcast.SpinCondition)
 
@@ -69,19 +68,12 @@ def connector_config(handoff_dir: str, save_dir: str | None = None) -> dict[str,
 
 
 @dataclass
-class VLLMRequestStats(RequestStats):
-    """RequestStats plus what vLLM reports: prompt tokens it did not compute (hand-off or prefix cache)."""
-
-    engine_cached_tokens: int = 0
-
-
-@dataclass
 class Prepared:
     """A request ready for vLLM: its prompt ids and, when blended, its hand-off key and the
     blend's last-token logits."""
 
     ids: list[int]
-    stats: VLLMRequestStats
+    stats: RequestStats
     handoff_key: str | None = None
     logits: torch.Tensor | None = None
     tokens: list[int] = field(default_factory=list)
@@ -99,7 +91,7 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
     t0 = time.perf_counter()
     prompt = kb.build_prompt(chunks, question)
     ids = prompt.ids
-    stats = VLLMRequestStats(method=method, tokens_total=len(ids))
+    stats = RequestStats(method=method, tokens_total=len(ids))
     chunk_ids = [seg.ids for seg in prompt.segments if seg.chunk is not None]
     if method in ("blend", "reuse") and len(ids) <= max_model_len:
         if any(kb.store.contains(kb.key_for(c)) for c in chunk_ids):
@@ -107,7 +99,7 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
             with handoff.filling(ids, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype) as (key, layers):
                 pre = kb.prefill(chunks, question, method, config, prompt=prompt, kv_out=layers)  # blends into the file
                 del layers
-            stats = VLLMRequestStats(**pre.stats.as_dict())
+            stats = pre.stats
             stats.stages_s["prepare"] = time.perf_counter() - t0
             return Prepared(ids, stats, key, pre.logits)
         stats.chunk_misses = len(chunk_ids)
@@ -121,6 +113,8 @@ class VLLMEngine:
     Holds a second copy of the model's weights (vLLM's) beside the transformers model the blend
     runs on. `kv_cache_bytes` caps vLLM's KV cache (on CPU, vLLM would otherwise take most of RAM).
     """
+
+    methods = METHODS
 
     def __init__(self, kb: "KVBlend", kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_model_len: int | None = None,
                  handoff_dir: str | None = None, save_dir: str | None = None, **llm_options: Any):
@@ -172,18 +166,16 @@ class VLLMEngine:
         self.close()
 
     # -- chunks ---------------------------------------------------------------------------------
-    def precompute(self, texts: Iterable[str], on_chunk: Callable[[int, bool], None] | None = None) -> list[str]:
-        """kvblend's chunk caches, and (once `prefix` has been used) the prefix cache's view of them.
+    def warm(self, texts: Iterable[str]) -> None:
+        """Once `prefix` has been used, give the prefix cache its view of newly stored chunks.
 
-        The prefix cache is warmed with one request over the chunks in the given order: what
-        earlier traffic over the same documents would have left there. Requests that put the
-        chunks in another order then hit only as far as their prefix matches.
+        It is warmed with one request over the chunks in the given order: what earlier traffic over
+        the same documents would have left there. Requests that put the chunks in another order then
+        hit only as far as their prefix matches.
         """
-        texts = list(texts)
-        keys = self.kb.precompute(texts, on_chunk)
         if self._prefix_llm is not None:
-            self.generate(texts, "", max_new_tokens=1, method="prefix")
-        return keys
+            for _ in self.run([(list(texts), "")], 1, "prefix", Sampling(), None):
+                pass
 
     def settle(self) -> None:
         """Wait until vLLM's workers stop busy-polling after the last request, for benchmarks.
@@ -204,17 +196,16 @@ class VLLMEngine:
                               stop_token_ids=sorted(self.kb.stop_ids), output_kind=RequestOutputKind.DELTA,
                               extra_args=extra)
 
-    def _events(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int, method: str,
-                sampling: Sampling | None, config: BlendConfig | None) -> Iterator[tuple[int, Prepared, list[int]]]:
+    def run(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int, method: str, sampling: Sampling,
+            config: BlendConfig | None, keep_prefill: bool = False) -> Iterator[TokenEvent]:
         """Prepare and submit each request in turn (vLLM starts on one while the next blends), then
-        yield (request index, request, new tokens) as they come. A blended request's first token
-        comes from the blend's logits as soon as it ends. TTFT counts from the batch's start."""
+        yield each request's new tokens as they come. A blended request's first token comes from the
+        blend's logits as soon as it ends. TTFT counts from the batch's start. vLLM keeps no
+        prefill to hand back, so `keep_prefill` is ignored."""
         from vllm.inputs import TokensPrompt
 
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         llm = self._llm_for(method)
-        engine, sampling = llm.llm_engine, sampling or Sampling()
+        engine = llm.llm_engine
         started = time.perf_counter()
         prepared: list[Prepared] = []
         running: dict[str, tuple[int, Prepared]] = {}
@@ -236,7 +227,7 @@ class VLLMEngine:
                     running[req_id] = (i, p)
                     unfinished.add(req_id)
                 if first:
-                    yield i, p, first
+                    yield TokenEvent(i, p.stats, first)
             while unfinished:
                 outputs = engine.step()
                 self._last_step = time.perf_counter()
@@ -253,7 +244,7 @@ class VLLMEngine:
                     if out.finished:
                         unfinished.discard(out.request_id)
                         p.stats.decode_s = elapsed - p.stats.ttft_s
-                    yield i, p, new
+                    yield TokenEvent(i, p.stats, new)
         finally:
             if unfinished:
                 engine.abort_request(list(unfinished))
@@ -263,31 +254,3 @@ class VLLMEngine:
                     self.handoff.remove(p.handoff_key)  # loaded (now a spare) or never reached: gone either way
                 elif p.handoff_key:
                     self.handoff.release(p.handoff_key)  # unused (the answer ended at its first token): a spare
-
-    def _result(self, p: Prepared) -> GenerateResult:
-        text = self.kb.tokenizer.decode([t for t in p.tokens if t not in self.kb.stop_ids], skip_special_tokens=True)
-        return GenerateResult(text=text.strip(), token_ids=p.tokens, ttft_s=p.stats.ttft_s, stats=p.stats)
-
-    def generate_many(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int = 64, method: str = "blend",
-                      sampling: Sampling | None = None, config: BlendConfig | None = None) -> list[GenerateResult]:
-        """Answer several (chunks, question) requests at once; vLLM batches their decoding."""
-        done: dict[int, Prepared] = {}
-        for i, p, _ in self._events(requests, max_new_tokens, method, sampling, config):
-            done[i] = p
-        return [self._result(done[i]) for i in range(len(requests))]
-
-    def stream(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: str = "blend",
-               sampling: Sampling | None = None, config: BlendConfig | None = None) -> Iterator[int]:
-        """Yield generated token ids as vLLM produces them."""
-        for _, _, new in self._events([(chunks, question)], max_new_tokens, method, sampling, config):
-            yield from new
-
-    def generate(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: str = "blend",
-                 sampling: Sampling | None = None, config: BlendConfig | None = None,
-                 on_text: Callable[[str], None] | None = None) -> GenerateResult:
-        """Answer `question` over `chunks`, like `KVBlend.generate`, decoding with vLLM."""
-        prepared = None
-        for _, prepared, new in self._events([(chunks, question)], max_new_tokens, method, sampling, config):
-            if on_text and new:
-                on_text(self.kb.tokenizer.decode(new, skip_special_tokens=True))
-        return self._result(prepared)

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import yaml
 
 from kvblend.config import BlendConfig
-
-BASE_METHODS = ("full", "reuse", "blend", "prefix")  # prefix: vLLM's prefix caching (--engine vllm)
+from kvblend.results import METHODS
 
 
 @dataclass
@@ -39,8 +38,8 @@ def parse_methods(text: str, base: BlendConfig) -> list[MethodSpec]:
     specs = []
     for item in _split_top_level(text):
         name, _, body = item.partition("[")
-        if name not in BASE_METHODS:
-            raise ValueError(f"unknown method {name!r} in {item!r}; choose from {BASE_METHODS}")
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r} in {item!r}; choose from {METHODS}")
         config = base if name == "blend" else None
         if body:
             if name != "blend" or not body.endswith("]"):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvblend.api import KVBlend
-from kvblend.engines.hf import Sampling, decode, step_logits, truncate
+from kvblend.engines.hf import step_logits, truncate
 from kvblend.eval.datasets import Record
 from kvblend.eval.methods import MethodSpec
 from kvblend.eval.metrics import f1_score, kl_divergence, token_agreement
@@ -58,10 +58,6 @@ class EvalReport:
         return out
 
 
-def _answer(kb: KVBlend, tokens: list[int]) -> str:
-    return kb.tokenizer.decode([t for t in tokens if t not in kb.stop_ids], skip_special_tokens=True).strip()
-
-
 def _forced_logits(kb: KVBlend, pre, forced: list[int]) -> torch.Tensor:
     """Logits at the first len(forced)+1 answer positions, feeding `forced` after the prompt."""
     n = pre.ids.numel()
@@ -84,36 +80,26 @@ def evaluate(
     """Run `methods` (the first must be full) on `records`; returns per-record rows per method.
 
     With `shuffle_seed`, chunks are precomputed in dataset order and every method is asked them in
-    one shuffled order per record, so cached prefixes rarely match. With `kb.engine` (vLLM), methods
-    decode there and KL is not available (NaN): vLLM returns no full distributions.
+    one shuffled order per record, so cached prefixes rarely match. Methods decode on `kb.engine`;
+    KL needs the prefill's logits, so it is NaN on an engine that keeps none (vLLM returns no full
+    distributions).
     """
     if methods[0].method != "full":
         raise ValueError("the first method must be full (the reference)")
     report = EvalReport({m.name: [] for m in methods})
-    engine = kb.engine
-    chunk_cache = engine or kb  # the vLLM engine's precompute also warms vLLM's prefix cache
     for spec in methods:  # warm-up: first calls pay one-off allocation and kernel selection costs
-        chunk_cache.precompute(records[0].chunks)
-        if engine is None:
-            kb.prefill(records[0].chunks, records[0].question, spec.method, spec.config)
-        else:
-            engine.generate(records[0].chunks, records[0].question, 1, spec.method, config=spec.config)
+        kb.precompute(records[0].chunks)
+        kb.generate(records[0].chunks, records[0].question, 1, spec.method, config=spec.config)
     for idx, record in enumerate(records):
-        chunk_cache.precompute(record.chunks)
+        kb.precompute(record.chunks)
         chunks = record.chunks if shuffle_seed is None else random.Random(shuffle_seed + idx).sample(record.chunks, len(record.chunks))
         ref_logits: torch.Tensor | None = None
         ref_tokens: list[int] = []
         for spec in methods:
             steps = max(max_new_tokens, tf_tokens) if spec.method == "full" else max_new_tokens
-            pre = None
-            if engine is None:
-                pre = kb.prefill(chunks, record.question, spec.method, spec.config)
-                stats = pre.stats
-                tokens = list(decode(kb.model, pre.cache, pre.logits, pre.ids.numel(), steps, Sampling(), kb.stop_ids))
-            else:
-                engine.settle()  # each timed request starts on an idle server (see VLLMEngine.settle)
-                result = engine.generate(chunks, record.question, steps, spec.method, config=spec.config)
-                stats, tokens = result.stats, result.token_ids
+            kb.engine.settle()  # each timed request starts on an idle engine
+            result = kb.generate(chunks, record.question, steps, spec.method, config=spec.config, keep_prefill=True)
+            stats, tokens, pre = result.stats, result.token_ids, result.prefill
             if spec.method == "full":
                 ref_tokens = tokens
             kl_first = kl_tf = math.nan
@@ -131,7 +117,7 @@ def evaluate(
                     kl_tf=kl_tf,
                     first_agree=tokens[0] == ref_tokens[0],
                     token_agree=token_agreement(ref_tokens[:max_new_tokens], answer_tokens),
-                    f1=f1_score(_answer(kb, answer_tokens), record.answers) if record.answers else None,
+                    f1=f1_score(kb.answer_text(answer_tokens), record.answers) if record.answers else None,
                     recompute_share=stats.tokens_recomputed / max(1, stats.tokens_cached),
                 )
             )
