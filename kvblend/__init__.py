@@ -3,9 +3,9 @@ import os
 
 # torch's OpenMP threads (libgomp) spin ~300k iterations at each barrier before sleeping. On a CPU shared
 # with another busy process (vLLM's worker, other jobs), a spinning thread holds the core its descheduled
-# partner needs, and the blend runs several times slower (docs/vllm.md, "Threads"). 5000 measured as fast
-# as the default on an idle machine and within ~10% of the shortest spin beside a busy core. Read by
-# libgomp when torch loads, so set before the import below; vLLM's processes, spawned later, inherit it.
+# partner needs, and the blend runs several times slower. A short spin keeps the idle-machine speed and
+# avoids that collapse (the sweep: docs/dev/performance.md). libgomp reads it when torch loads, so it is
+# set before torch is imported; vLLM's processes, spawned later, inherit it. A value already set wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 __all__ = ["BlendConfig", "GenerateResult", "KVBlend", "KVBlendConfig", "RequestStats"]

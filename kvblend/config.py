@@ -30,7 +30,7 @@ class BlendConfig(BaseModel):
     `chunk_context` is what each chunk is encoded after (not stored): the model's BOS, nothing,
     `"head"` (the prompt's template head) or `"primed"` (the head, a neutral passage and the
     separator: chunks encoded as if they followed another document; `primer` sets the passage),
-    which measured the lowest KL vs full prefill with a passage from the same corpus (README).
+    which gave the lowest KL vs full prefill with a passage from the same corpus (docs/benchmarks.md).
     """
 
     model_config = {"extra": "forbid"}

@@ -1,4 +1,4 @@
-"""DESIGN §3 invariants on tiny random-weight models of every supported architecture."""
+"""The blend's invariants (docs/design.md, section 6) on tiny random-weight models of every supported architecture."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache

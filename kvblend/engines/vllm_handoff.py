@@ -12,9 +12,9 @@ read, by default a per-user folder in /dev/shm (RAM, no disk I/O):
   prompt), for at most all its prompt tokens but the last (vLLM computes that one itself).
 
 The file is published atomically (temporary name, then rename). Once the worker has loaded it,
-the file becomes a spare (up to `SPARES` per folder) that the next request fills in place: fresh
-shared-memory pages cost 3-12x more to write than pages already in use (measured in processes
-hosting vLLM: 0.08-0.38 s for 170 MB fresh, ~0.03 s reused). The producer removes
+the file becomes a spare (up to `SPARES` per folder) that the next request fills in place, because
+fresh shared-memory pages cost several times more to write than pages already in use, most of all
+in a process hosting vLLM (docs/dev/performance.md, "Memory pages"). The producer removes
 the file again when the request ends, in case the worker never got to it; `clear_spares` frees
 the spares when an engine or server starts and stops.
 """
@@ -82,7 +82,7 @@ class HandoffDir:
         """A prompt's hand-off to fill in place: yields (key, per-layer (keys, values) views
         [kv_heads, N, head_dim] into the mapped file), published under key when the block ends.
 
-        The blend writes its fused KV straight into these views: no 170 MB buffer to allocate
+        The blend writes its fused KV straight into these views: no prompt-sized buffer to allocate
         (fresh pages fault) and no copy. Drop every view before the block ends."""
         n = len(ids)
         if n < 1:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".kvb"
 STALE_TMP_S = 60.0  # a temporary file older than this belongs to a writer that died
 # Bytes per read: small enough that a piece is still in the CPU cache when it is hashed (a whole
-# layer is not: hashing it re-reads memory, ~8% slower overall on the project's machines).
+# layer is not: hashing it afterwards reads it from memory a second time).
 READ_PIECE = 256 * 2**10
 NOWAIT = getattr(os, "RWF_NOWAIT", None)  # a read that fails rather than wait for the device (Linux)
 
@@ -63,8 +63,8 @@ class FileReader:
 
     def will_need(self, offset: int, nbytes: int) -> None:
         """Bring a mapped range into the page cache before it is checksummed. A range not cached yet
-        is read like `dd` does, in READ_PIECE reads into one small buffer: faulting it in page by
-        page ran at ~65% of that. Cached data (probed without blocking) is left to the map."""
+        is read like `dd` does, in READ_PIECE reads into one small buffer, which is faster than
+        faulting it in page by page. Cached data (probed without blocking) is left to the map."""
         if NOWAIT is None:  # not Linux: page faults will read it
             return
         if self._scratch is None:
