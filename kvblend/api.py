@@ -160,10 +160,12 @@ class KVBlend:
             stats.tokens_recomputed = 0
         else:
             spans = []
+            found: list[bool] = []  # per chunk, in prompt order: a usable cache was in the store
             for seg, start in zip(prompt.segments, prompt.starts()):
                 if seg.chunk is None:
                     continue
                 kv = self._lookup(self.key_for(seg.ids), len(seg.ids))
+                found.append(kv is not None)
                 if kv is None:
                     stats.chunk_misses += 1
                 else:
@@ -182,6 +184,11 @@ class KVBlend:
             logits = out.logits
             stats.tokens_cached = sum(s.kv.num_tokens for s in spans)
             stats.tokens_recomputed = out.selected.numel()
+            # a stored chunk whose layer failed its check (or whose tier went away mid-read) was recomputed, not reused
+            failed = iter([bool(getattr(s.kv, "failed", False)) for s in spans])
+            stats.reused = [hit and not next(failed) for hit in found]
+            stats.chunk_hits = sum(stats.reused)
+            stats.chunk_misses = len(found) - stats.chunk_hits
             stats.stages_s.update(out.timings)
         stats.ttft_s = time.perf_counter() - t0
         return Prefill(ids=ids, cache=cache, logits=logits, stats=stats)

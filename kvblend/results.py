@@ -26,6 +26,8 @@ class RequestStats:
     # prompt tokens the decoding engine did not compute itself (vLLM: the blend's KV, or its prefix cache)
     engine_cached_tokens: int = 0
     stages_s: dict[str, float] = field(default_factory=dict)
+    # per chunk, in prompt order: its stored KV was used (not missing, not recomputed after a failed read)
+    reused: list[bool] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
