@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvblend.kernels import kv_deviation, plan_attention, rope_realign, scatter_rows, scatter_rows_paged, selected_attention
+from kvblend.kernels import kv_deviation, plan_attention, rope_realign, scatter_rows, selected_attention
 from kvblend.kernels import cpu_library
 from kvblend.kernels.dispatch import triton_available
 
@@ -68,7 +68,7 @@ def selected_positions(n: int, ratio: float, generator: torch.Generator) -> torc
 
 
 def kernel_cases(n: int, ratio: float, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 block_size: int, device: torch.device) -> list[tuple[str, str, float, Callable[[str], object]]]:
+                 device: torch.device) -> list[tuple[str, str, float, Callable[[str], object]]]:
     """(kernel, metric, bytes or FLOPs per call, run(backend)) for one prompt length."""
     g = torch.Generator().manual_seed(0)
     b = torch.empty(0, dtype=dtype).element_size()
@@ -80,9 +80,7 @@ def kernel_cases(n: int, ratio: float, heads: int, kv_heads: int, head_dim: int,
     s = pos.numel()
     k, v, buffer = rand(kv_heads, n, head_dim), rand(kv_heads, n, head_dim), rand(kv_heads, n, head_dim)
     cos, sin, all_pos = rand(n, head_dim), rand(n, head_dim), torch.arange(n, device=device)
-    q, rows, k_rows, v_rows = rand(heads, s, head_dim), rand(kv_heads, s, head_dim), rand(s, kv_heads, head_dim), rand(s, kv_heads, head_dim)
-    blocks = -(-n // block_size)
-    k_cache, v_cache = rand(blocks, block_size, kv_heads, head_dim), rand(blocks, block_size, kv_heads, head_dim)
+    q, rows = rand(heads, s, head_dim), rand(kv_heads, s, head_dim)
     plan = plan_attention(pos, n, heads // kv_heads)  # built once per request, outside the timing
     return [
         ("rope_realign", "GB/s", 2 * kv_heads * n * head_dim * b + 2 * n * head_dim * b + 8 * n,
@@ -91,8 +89,6 @@ def kernel_cases(n: int, ratio: float, heads: int, kv_heads: int, head_dim: int,
          lambda be: kv_deviation(k, v, backend=be)),
         ("scatter_rows", "GB/s", 2 * kv_heads * s * head_dim * b + 8 * s,
          lambda be: scatter_rows(rows, buffer, pos, backend=be)),
-        ("scatter_rows_paged", "GB/s", 4 * kv_heads * s * head_dim * b + 8 * s,
-         lambda be: scatter_rows_paged(k_rows, v_rows, k_cache, v_cache, pos, backend=be)),
         ("selected_attention", "TFLOP/s", 4 * heads * head_dim * float((pos + 1).sum()),
          lambda be: selected_attention(q, k, v, plan, head_dim**-0.5, backend=be)),
     ]
@@ -107,7 +103,6 @@ def bench_kernels(
     kv_heads: int = 8,
     head_dim: int = 128,
     dtype: torch.dtype | None = None,
-    block_size: int = 16,
     repeats: int = 5,
     backends: Sequence[str] | None = None,
 ) -> list[dict]:
@@ -130,7 +125,7 @@ def bench_kernels(
     peak_bytes, peak_flops = device_peaks(device, dtype)
     rows = []
     for n in tokens:
-        for kernel, metric, work, run in kernel_cases(n, ratio, heads, kv_heads, head_dim, dtype, block_size, device):
+        for kernel, metric, work, run in kernel_cases(n, ratio, heads, kv_heads, head_dim, dtype, device):
             peak = peak_flops if metric == "TFLOP/s" else peak_bytes
             for backend in backends:
                 ms = time_ms(lambda: run(backend), device, repeats)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kvblend.kernels.dispatch import use_triton
+from kvblend.kernels.dispatch import choose
 
 
 def kv_deviation_torch(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -15,7 +15,7 @@ def kv_deviation(fresh: torch.Tensor, cached: torch.Tensor, backend: str = "auto
     """Squared L2 distance per token over heads and head dims: [KV, T, D] x2 → [T] float32."""
     if fresh.shape != cached.shape:
         raise ValueError(f"fresh {tuple(fresh.shape)} and cached {tuple(cached.shape)} differ in shape")
-    if use_triton(backend, fresh, cached):
+    if choose("kv_deviation", backend, fresh, cached) == "triton":
         from kvblend.kernels.triton_deviation import kv_deviation_triton
 
         return kv_deviation_triton(fresh, cached)

@@ -1,10 +1,8 @@
 """RMSNorm and SiLU(gate)·up, the element-wise steps around a decoder layer's GEMMs.
 
 Each is a torch reference (the arithmetic of transformers' Llama-family modules) plus, on CPU in
-fp32, a one-pass C++ kernel (cpu_norm_act.cpp). torch runs them as 6 and 3 separate passes with
-their temporaries; in the blend (SmolLM2-135M, MuSiQue top-6, r = 0.15, 2 threads) these kernels
-and the residual adds folded into the GEMMs (`torch.addmm`) took torch's non-GEMM ops from 0.32 to
-0.13 s (`torch.profiler` self time) and the blend 8% faster (4 records, interleaved, paired median).
+fp32, a one-pass C++ kernel (cpu_norm_act.cpp): torch runs them as 6 and 3 separate passes with
+their temporaries. Neither has a Triton kernel (kvblend.kernels.dispatch).
 """
 from __future__ import annotations
 
@@ -12,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kvblend.kernels import cpu_library
+from kvblend.kernels.dispatch import choose
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -21,18 +20,11 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * normed.to(x.dtype)
 
 
-def _torch_only(backend: str) -> bool:
-    """"auto" runs the C++ kernel where it applies; "torch" the reference (there is no Triton kernel)."""
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend {backend!r}: RMSNorm and SiLU·up run on 'auto' (C++ on CPU fp32) or 'torch'")
-    return backend == "torch"
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
     """RMSNorm of x [..., dim] with weight [dim]."""
     if x.shape[-1:] != weight.shape:
         raise ValueError(f"RMSNorm weight of shape {tuple(weight.shape)} for inputs of shape {tuple(x.shape)}")
-    if _torch_only(backend) or not cpu_library.supports(x, weight):
+    if choose("rms_norm", backend, x, weight) == "torch":
         return rms_norm_torch(x, weight, eps)
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
@@ -51,7 +43,7 @@ def silu_mul(gate_up: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """SiLU(gate) · up for gate_up [..., 2·inter] holding the two halves side by side → [..., inter]."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate/up rows of odd width {gate_up.shape[-1]}")
-    if _torch_only(backend) or not cpu_library.supports(gate_up):
+    if choose("silu_mul", backend, gate_up) == "torch":
         return silu_mul_torch(gate_up)
     gate_up = gate_up.contiguous()
     inter = gate_up.shape[-1] // 2

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from kvblend.kernels.dispatch import use_triton
+from kvblend.kernels.dispatch import choose
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+def check_rope_table(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Tables must rotate the whole head (kvblend has no partial rotary): a narrower one is refused."""
+    dim = x.shape[-1]
+    if cos.shape[-1] != dim or sin.shape[-1] != dim or dim % 2:
+        raise ValueError(f"rotary table of width {cos.shape[-1]} for head dim {dim}: "
+                         "RoPE here rotates the whole (even) head dim")
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Apply RoPE to x [..., T, D] with cos/sin [T, D] (HF's duplicated-halves tables)."""
-    if interleaved:
-        half = x.shape[-1] // 2
-        c, s = cos[..., :half], sin[..., :half]
-        pairs = x.unflatten(-1, (half, 2))
-        x0, x1 = pairs[..., 0], pairs[..., 1]
-        return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2)
+    check_rope_table(x, cos, sin)
     out = torch.empty(torch.broadcast_shapes(x.shape, cos.shape), dtype=torch.result_type(x, cos), device=x.device)
     return rotate_into(x, cos, sin, out)
 
 
 def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`rotate` (halves layout) written into `out` in three passes and no temporaries (the
-    textbook x·cos + rotate_half(x)·sin makes four); also how a chunk's contiguous rows go from
-    the store straight into the fused buffer."""
+    """`rotate` written into `out` in three passes and no temporaries (the textbook
+    x·cos + rotate_half(x)·sin makes four); also how a chunk's contiguous rows go from the store
+    straight into the fused buffer."""
+    check_rope_table(x, cos, sin)
     half = x.shape[-1] // 2
     torch.mul(x, cos, out=out)
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
@@ -31,25 +35,19 @@ def rotate_into(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torc
 
 
 def rope_realign_span(
-    keys: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    start: int,
-    out: torch.Tensor,
-    interleaved: bool = False,
-    backend: str = "auto",
+    keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, out: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
     """Rotate keys [KV, L, D] to the contiguous positions start..start+L-1 of `out`."""
     end = start + keys.shape[1]
-    if interleaved or keys.dtype != out.dtype or use_triton(backend, keys, cos, sin):
+    if keys.dtype != out.dtype or choose("rope_realign", backend, keys, cos, sin) == "triton":
         positions = torch.arange(start, end, device=keys.device)
-        return rope_realign(keys, cos, sin, positions, out=out, interleaved=interleaved, backend=backend)
+        return rope_realign(keys, cos, sin, positions, out=out, backend=backend)
     rotate_into(keys, cos[start:end], sin[start:end], out[:, start:end])
     return out
 
 
-def rope_realign_torch(keys, cos, sin, positions, out=None, interleaved=False):
-    rotated = rotate(keys, cos.index_select(0, positions), sin.index_select(0, positions), interleaved)
+def rope_realign_torch(keys, cos, sin, positions, out=None):
+    rotated = rotate(keys, cos.index_select(0, positions), sin.index_select(0, positions))
     if out is None:
         return rotated
     return out.index_copy_(1, positions, rotated.to(out.dtype))
@@ -61,7 +59,6 @@ def rope_realign(
     sin: torch.Tensor,
     positions: torch.Tensor,
     out: torch.Tensor | None = None,
-    interleaved: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Rotate keys [KV, L, D] to `positions` [L]; write them into out[:, positions] if given.
@@ -71,8 +68,9 @@ def rope_realign(
     """
     if keys.shape[1] != positions.shape[0]:
         raise ValueError(f"{keys.shape[1]} key rows but {positions.shape[0]} positions")
-    if use_triton(backend, keys, cos, sin):
+    check_rope_table(keys, cos, sin)
+    if choose("rope_realign", backend, keys, cos, sin) == "triton":
         from kvblend.kernels.triton_rope import rope_realign_triton
 
-        return rope_realign_triton(keys, cos, sin, positions, out, interleaved)
-    return rope_realign_torch(keys, cos, sin, positions, out, interleaved)
+        return rope_realign_triton(keys, cos, sin, positions, out)
+    return rope_realign_torch(keys, cos, sin, positions, out)

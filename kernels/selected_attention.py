@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvblend.kernels import cpu_attention, cpu_library
-from kvblend.kernels.dispatch import use_triton
+from kvblend.kernels import cpu_attention
+from kvblend.kernels.dispatch import choose
 
 
 @dataclass
@@ -35,8 +35,8 @@ class AttentionPlan:
     def blocks(self) -> list[tuple[int, int, int, torch.Tensor]]:
         """(first query, end query, keys seen, mask [group * queries, keys]) per block of <= `block` queries.
 
-        Masks are additive in the queries' dtype: SDPA's CPU kernel adds them ~10% faster than it
-        applies boolean ones, and they are built once for every layer."""
+        Masks are additive in the queries' dtype (SDPA's CPU kernel adds them faster than it applies
+        boolean ones), and they are built once for every layer."""
         key_pos = torch.arange(self.n_keys, device=self.q_pos.device)
         pos = self.q_pos.tolist()
         blocks = []
@@ -94,10 +94,11 @@ def selected_attention(
         raise ValueError(f"{q.shape[0]} query heads are not a multiple of {k.shape[0]} KV heads")
     if q.shape[1] == 0:
         return q.clone()
-    if use_triton(backend, q, k, v):
+    impl = choose("selected_attention", backend, q, k, v)
+    if impl == "triton":
         from kvblend.kernels.triton_attention import selected_attention_triton
 
         return selected_attention_triton(q, k, v, plan.q_pos, scale)
-    if backend == "auto" and cpu_library.supports(q, k, v):
+    if impl == "cpp":
         return cpu_attention.selected_attention_cpu(q, k, v, plan, scale)
     return selected_attention_torch(q, k, v, plan, scale)

@@ -1,10 +1,8 @@
 """Triton RoPE realignment: rotate position-free keys to their absolute positions and write them
 straight into the fused buffer's rows, so a chunk's keys cross memory once (read, rotate, store).
 
-Both layouts share one formula. Each output pair (a, b) is
+Rotate-half layout: each output pair (a, b) = (i, i + D/2) is
     out[a] = x[a]·cos[a] − x[b]·sin[a]        out[b] = x[b]·cos[b] + x[a]·sin[b]
-with (a, b) = (i, i + D/2) and table columns (i, i + D/2) for rotate-half, and (a, b) = (2i, 2i + 1)
-with table column i for both in the interleaved layout (see `rotate` in rope_realign.py).
 Math is fp32 whatever the storage dtype (the interpreter's bf16 arithmetic is wrong anyway).
 """
 from __future__ import annotations
@@ -12,6 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kvblend.kernels.rope_realign import check_rope_table
 
 BLOCK_TOKENS = 32  # tokens per program; each program walks every KV head, loading cos/sin once
 
@@ -27,7 +27,6 @@ def _rope_realign_kernel(
     HALF: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
     SCATTER: tl.constexpr,
 ):
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -35,17 +34,12 @@ def _rope_realign_kernel(
     t_ok = t < n_tokens
     mask = t_ok[:, None] & (i < HALF)[None, :]
     pos = tl.load(pos_ptr + t, mask=t_ok, other=0)
-    if INTERLEAVED:
-        a, b = 2 * i, 2 * i + 1
-        col_a, col_b = i, i
-    else:
-        a, b = i, i + HALF
-        col_a, col_b = i, i + HALF
+    a, b = i, i + HALF
     row_c, row_s = pos[:, None] * sc_p, pos[:, None] * ss_p
-    cos_a = tl.load(cos_ptr + row_c + col_a[None, :] * sc_d, mask=mask).to(tl.float32)
-    cos_b = tl.load(cos_ptr + row_c + col_b[None, :] * sc_d, mask=mask).to(tl.float32)
-    sin_a = tl.load(sin_ptr + row_s + col_a[None, :] * ss_d, mask=mask).to(tl.float32)
-    sin_b = tl.load(sin_ptr + row_s + col_b[None, :] * ss_d, mask=mask).to(tl.float32)
+    cos_a = tl.load(cos_ptr + row_c + a[None, :] * sc_d, mask=mask).to(tl.float32)
+    cos_b = tl.load(cos_ptr + row_c + b[None, :] * sc_d, mask=mask).to(tl.float32)
+    sin_a = tl.load(sin_ptr + row_s + a[None, :] * ss_d, mask=mask).to(tl.float32)
+    sin_b = tl.load(sin_ptr + row_s + b[None, :] * ss_d, mask=mask).to(tl.float32)
     out_row = pos if SCATTER else t
     for h in range(kv_heads):
         src = keys_ptr + h * sk_h + t[:, None] * sk_t
@@ -62,12 +56,10 @@ def rope_realign_triton(
     sin: torch.Tensor,
     positions: torch.Tensor,
     out: torch.Tensor | None = None,
-    interleaved: bool = False,
 ) -> torch.Tensor:
     """Triton twin of `rope_realign_torch`: keys [KV, L, D] → out[:, positions] (or a new [KV, L, D])."""
+    check_rope_table(keys, cos, sin)  # the kernel reads table columns up to the keys' head dim
     kv_heads, n_tokens, dim = keys.shape
-    if dim % 2:
-        raise ValueError(f"RoPE needs an even head dim, got {dim}")
     scatter = out is not None
     if out is None:
         out = torch.empty(keys.shape, dtype=torch.promote_types(keys.dtype, cos.dtype), device=keys.device)
@@ -80,6 +72,6 @@ def rope_realign_triton(
         n_tokens, kv_heads,
         *keys.stride(), *cos.stride(), *sin.stride(), *out.stride(),
         HALF=half, BLOCK_T=BLOCK_TOKENS, BLOCK_HALF=triton.next_power_of_2(half),
-        INTERLEAVED=interleaved, SCATTER=scatter, num_warps=4,
+        SCATTER=scatter, num_warps=4,
     )
     return out

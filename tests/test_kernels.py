@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvblend.kernels import kv_deviation, plan_attention, rope_realign, rope_realign_span, scatter_rows, scatter_rows_paged, selected_attention  # noqa: E402
+from kvblend.kernels import kv_deviation, plan_attention, rope_realign, rope_realign_span, scatter_rows, selected_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -62,20 +62,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.float(), expected.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
-# kv_heads, tokens, head_dim, buffer rows (None: return the rotated keys), interleaved
-ROPE_CASES = [(1, 37, 64, 90, False), (3, 50, 128, 61, True), (2, 21, 64, None, True), (8, 1, 128, None, False), (2, 0, 64, 16, False)]
+# kv_heads, tokens, head_dim, buffer rows (None: return the rotated keys)
+ROPE_CASES = [(1, 37, 64, 90), (3, 50, 128, 61), (2, 21, 64, None), (8, 1, 128, None), (2, 0, 64, 16)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kv_heads,tokens,dim,rows,interleaved", ROPE_CASES)
-def test_rope_realign(dtype, kv_heads, tokens, dim, rows, interleaved):
+@pytest.mark.parametrize("kv_heads,tokens,dim,rows", ROPE_CASES)
+def test_rope_realign(dtype, kv_heads, tokens, dim, rows):
     keys = heads_first(tokens, kv_heads, dim, dtype, seed=1)
     cos, sin = randn(128, dim, dtype=dtype, seed=20), randn(128, dim, dtype=dtype, seed=21)  # not HF's duplicated halves: every column counts
     positions = sorted_subset(rows or 128, tokens, seed=2)
     results = {}
     for backend in ("torch", "triton"):
         out = None if rows is None else randn(kv_heads, rows, dim, dtype=dtype, seed=3)
-        results[backend] = rope_realign(keys, cos, sin, positions, out=out, interleaved=interleaved, backend=backend)
+        results[backend] = rope_realign(keys, cos, sin, positions, out=out, backend=backend)
     assert_close(results["triton"], results["torch"], dtype)
 
 
@@ -135,28 +135,6 @@ def test_scatter_rows_casts_to_the_buffer_dtype():
     rows = sorted_subset(16, 7, seed=11)
     out = {b: scatter_rows(src, torch.zeros(2, 16, 64, dtype=torch.float16, device=DEVICE), rows, backend=b) for b in ("torch", "triton")}
     assert_close(out["triton"], out["torch"], torch.float16)
-
-
-# rows, kv_heads, head_dim, block_size, num_blocks, share of padding slots (-1)
-PAGED_CASES = [(13, 1, 64, 16, 4, 0.0), (29, 8, 128, 16, 3, 0.3), (6, 2, 64, 4, 5, 1.0), (0, 2, 64, 16, 2, 0.0)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n_rows,kv_heads,dim,block_size,num_blocks,padding", PAGED_CASES)
-def test_scatter_rows_paged(dtype, n_rows, kv_heads, dim, block_size, num_blocks, padding):
-    k = randn(n_rows, kv_heads, dim, dtype=dtype, seed=12)
-    v = randn(n_rows, kv_heads, dim, dtype=dtype, seed=13)
-    g = torch.Generator().manual_seed(14)
-    slots = torch.randperm(num_blocks * block_size, generator=g)[:n_rows]
-    slots[torch.rand(n_rows, generator=g) < padding] = -1
-    slots = slots.to(DEVICE)
-    out = {}
-    for backend in ("torch", "triton"):
-        # K and V halves of one [blocks, 2, block_size, KV, D] tensor: strided views, written in place
-        stacked = randn(num_blocks, 2, block_size, kv_heads, dim, dtype=dtype, seed=15)
-        scatter_rows_paged(k, v, *stacked.unbind(1), slots, backend=backend)
-        out[backend] = stacked
-    torch.testing.assert_close(out["triton"], out["torch"], atol=0, rtol=0)
 
 
 # heads, kv_heads, head_dim, keys, selection: GQA ratios 1/3/8 with 1 and several KV heads,
@@ -263,3 +241,27 @@ def test_bench_kernels_smoke():
     assert {(r["kernel"], r["backend"]) for r in rows} >= {("selected_attention", "triton"), ("rope_realign", "torch"),
                                                            ("selected_attention", "auto")}
     assert all(r["value"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "silu_mul"])
+def test_backend_triton_is_refused_by_name_where_an_op_has_no_triton_kernel(op):
+    from kvblend.kernels.dispatch import choose
+
+    with pytest.raises(ValueError, match=f"backend 'triton': {op} has no Triton kernel"):
+        choose(op, "triton", randn(2, 8))
+
+
+def test_the_dispatcher_chooses_each_ops_implementation():
+    """auto: Triton on CUDA, C++ on CPU fp32 where the op has one, torch otherwise; triton wherever asked."""
+    from kvblend.kernels import cpu_library
+    from kvblend.kernels.dispatch import KERNELS, choose
+
+    x = randn(2, 8)
+    for op, kernels in KERNELS.items():
+        assert choose(op, "torch", x) == "torch"
+        auto = "triton" if DEVICE == "cuda" and "triton" in kernels else "cpp" if "cpp" in kernels and cpu_library.available() and DEVICE == "cpu" else "torch"
+        assert choose(op, "auto", x) == auto
+        if "triton" in kernels:
+            assert choose(op, "triton", x) == "triton"
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        choose("kv_deviation", "cuda", x)

@@ -39,12 +39,13 @@ def make_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, layers: in
                     kv_heads: int = 2, head_dim: int = 16, **overrides) -> Path:
     """Save a random-weight model of `arch` with the byte tokenizer into folder; returns folder."""
     tok = byte_tokenizer()
-    cfg = AutoConfig.for_model(
+    settings = dict(
         **ARCHS[arch], vocab_size=len(tok), hidden_size=heads * head_dim, intermediate_size=4 * heads * head_dim,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=4096, rope_theta=10000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **overrides,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
     )
+    cfg = AutoConfig.for_model(**{**settings, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # larger-than-default weights so attention patterns are far from uniform

@@ -89,17 +89,11 @@ class BlendExecutor:
     def __init__(self, adapter: LayerwiseModel, config: BlendConfig | None = None):
         self.m = adapter
         self.config = self._checked(config or BlendConfig())
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _checked(self, cfg: BlendConfig) -> BlendConfig:
         if cfg.check_layers and cfg.check_layers[-1] >= self.m.num_layers:
             raise ValueError(f"check layer {cfg.check_layers[-1]} is past the model's {self.m.num_layers} layers")
         return cfg
-
-    def _rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._rope is None or self._rope[0].shape[0] < n:
-            self._rope = self.m.rope_tables(max(n, 4096))
-        return self._rope
 
     @torch.inference_mode()
     def run(
@@ -138,7 +132,7 @@ class BlendExecutor:
         is_cached = is_cached.to(dev)
         n_cached = int(is_cached.sum())
         watch = Stopwatch(profile, dev)
-        cos, sin = self._rope_tables(n)
+        cos, sin = m.rope_tables(n)
         generator = torch.Generator().manual_seed(cfg.seed)
         positions = torch.arange(n, device=dev)
         sink = torch.zeros(n, dtype=torch.bool, device=dev)

@@ -6,12 +6,10 @@ decoder layer as plain functions on one sequence, reusing the model's own weight
 rotary embedding. Q/K/V and gate/up weights are fused into one matrix each; the original
 modules are re-pointed at views of it, so no weight is stored twice. RMSNorm and SiLU·up run
 kvblend's one-pass kernels (kvblend.kernels.norm_act) and the residual adds ride in the output
-GEMMs (`torch.addmm`): 8% less blend time on CPU than the modules' own forward.
+GEMMs (`torch.addmm`), which saves passes over the activations.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvblend.kernels import rms_norm, silu_mul
+from kvblend.models.fingerprint import model_fingerprint
 from kvblend.models.huge_pages import ADVISABLE, HugePageArena
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 MLP_ROWS = 1024  # tokens per MLP block (see LayerwiseModel.mlp)
+ROPE_TABLE_ROWS = 4096  # positions in the first table of a static rope type
 
 
 class UnsupportedModelError(ValueError):
@@ -67,62 +67,70 @@ def _fuse(linears: list[nn.Linear], arena: HugePageArena | None) -> tuple[torch.
     return weight, bias
 
 
+def rope_depends_on_length(rope_type: str) -> bool:
+    """Whether transformers derives the type's frequencies from each call's last position (its `dynamic_rope_update`)."""
+    return "dynamic" in rope_type or rope_type == "longrope"
+
+
+def check_architecture(model: nn.Module) -> str:
+    """The model's architecture name, or UnsupportedModelError when kvblend cannot run it layer by layer."""
+    arch = getattr(model.config, "model_type", type(model).__name__)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} ({type(model).__name__}) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    head_dim = model.model.layers[0].self_attn.head_dim
+    rotary_dim = model.model.rotary_emb.inv_freq.numel() * 2
+    if rotary_dim != head_dim:  # transformers' own forward for these families cannot run it either
+        raise UnsupportedModelError(f"partial rotary embedding ({rotary_dim} of {head_dim} head dims rotated) is not supported")
+    return arch
+
+
+def fuse_layers(layers: nn.ModuleList, arena: HugePageArena | None) -> list[FusedLayer]:
+    """Each decoder layer's Q/K/V and gate/up weights fused (into the arena, if any)."""
+    fused = []
+    with torch.no_grad():
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], arena)
+            gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj], arena)
+            fused.append(FusedLayer(
+                input_norm=layer.input_layernorm, post_norm=layer.post_attention_layernorm, qkv_weight=qkv_w,
+                qkv_bias=qkv_b, q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+                o_proj=attn.o_proj, gate_up_weight=gu_w, gate_up_bias=gu_b, down_proj=mlp.down_proj, act=mlp.act_fn,
+            ))
+    return fused
+
+
+def weight_arena(model: nn.Module) -> HugePageArena | None:
+    """A huge-page arena sized for the model's weights, for a CPU model where the kernel takes the advice."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return HugePageArena(HugePageArena.size_for(model)) if on_cpu and ADVISABLE else None
+
+
 class LayerwiseModel:
     """A decoder-only model seen as embed → layers (qkv, attention output, mlp) → logits."""
 
     def __init__(self, model: nn.Module):
-        cfg = model.config
-        arch = getattr(cfg, "model_type", type(model).__name__)
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {arch!r} ({type(model).__name__}) is not supported; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", arch == "mistral"):
-            self.sliding_window = int(cfg.sliding_window)
-        else:
-            self.sliding_window = None
-        self.model = model
-        self.config = cfg
-        self.architecture = arch
-        inner = model.model
-        self.embed_tokens = inner.embed_tokens
-        self.final_norm = inner.norm
-        self.lm_head = model.lm_head
+        self.architecture = check_architecture(model)
+        cfg, inner = model.config, model.model
+        self.model, self.config = model, cfg
+        self.sliding_window = _sliding_window(cfg, self.architecture)
+        self.embed_tokens, self.final_norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
         self.rotary = inner.rotary_emb
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # static rope types only (see rope_tables)
         first = inner.layers[0].self_attn
-        self.head_dim = first.head_dim
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.scaling = first.scaling
+        self.head_dim, self.scaling = first.head_dim, first.scaling
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.num_layers = len(inner.layers)
         self.max_positions = int(getattr(cfg, "max_position_embeddings", 1 << 30))
-        self.layers: list[FusedLayer] = []
-        on_huge_pages = self.device.type == "cpu" and ADVISABLE
-        arena = HugePageArena(HugePageArena.size_for(model)) if on_huge_pages else None
-        with torch.no_grad():
-            for layer in inner.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                qkv_w, qkv_b = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], arena)
-                gu_w, gu_b = _fuse([mlp.gate_proj, mlp.up_proj], arena)
-                self.layers.append(
-                    FusedLayer(
-                        input_norm=layer.input_layernorm,
-                        post_norm=layer.post_attention_layernorm,
-                        qkv_weight=qkv_w,
-                        qkv_bias=qkv_b,
-                        q_norm=getattr(attn, "q_norm", None),
-                        k_norm=getattr(attn, "k_norm", None),
-                        o_proj=attn.o_proj,
-                        gate_up_weight=gu_w,
-                        gate_up_bias=gu_b,
-                        down_proj=mlp.down_proj,
-                        act=mlp.act_fn,
-                    )
-                )
-            if arena is not None:
-                arena.adopt(model)  # every other weight (embedding, norms, o_proj, down_proj) follows
         self.silu_gate = getattr(cfg, "hidden_act", None) == "silu"
+        arena = weight_arena(model)
+        self.layers = fuse_layers(inner.layers, arena)
+        if arena is not None:
+            with torch.no_grad():
+                arena.adopt(model)  # every other weight (embedding, norms, o_proj, down_proj) follows
         self.fingerprint = model_fingerprint(model)
 
     @property
@@ -137,11 +145,20 @@ class LayerwiseModel:
         """[T] token ids → [T, hidden]."""
         return self.embed_tokens(ids)
 
-    def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n, head_dim] for positions 0..n-1 from the model's own rotary embedding."""
-        pos = torch.arange(n, device=self.device)[None]
-        probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, pos)
+    def rope_tables(self, end: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [end - start, head_dim] for positions start..end-1, as the model's forward over
+        exactly those positions makes them: transformers derives dynamic and longrope frequencies
+        from the last position of each call, so those tables are built per call; the others are
+        slices of one table, grown when a longer one is asked for."""
+        if rope_depends_on_length(self.rotary.rope_type):
+            return self._rotary_table(start, end)
+        if self._rope is None or self._rope[0].shape[0] < end:
+            self._rope = self._rotary_table(0, max(end, ROPE_TABLE_ROWS))
+        return self._rope[0][start:end], self._rope[1][start:end]
+
+    def _rotary_table(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, end, device=self.device)[None]
+        cos, sin = self.rotary(torch.empty(0, dtype=self.dtype, device=self.device), pos)
         return cos[0], sin[0]
 
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,9 +181,8 @@ class LayerwiseModel:
         """Residual add of layer i's MLP onto h [T, hidden], MLP_ROWS tokens at a time.
 
         Row blocks keep the gate/up buffer (2·intermediate floats per token) under glibc's 32 MB
-        mmap ceiling: larger blocks are mapped fresh and unmapped on every call, and fresh pages
-        are dear in a process hosting vLLM (45-80k faults per blend took this stage from 0.5-0.6 s
-        to 0.9-1.2 s there; 40k cost nothing measurable in a bare process)."""
+        mmap ceiling: larger blocks are mapped fresh and unmapped on every call, and page faults on
+        fresh pages are dear in a process hosting vLLM (docs/benchmarks.md)."""
         layer = self.layers[i]
         out = torch.empty_like(h)
         for rows in range(0, h.shape[0], MLP_ROWS):
@@ -185,6 +201,12 @@ class LayerwiseModel:
         return self.lm_head(self.final_norm(h)).float()
 
 
+def _sliding_window(cfg, arch: str) -> int | None:
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", arch == "mistral"):
+        return int(cfg.sliding_window)
+    return None
+
+
 def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's RMSNorm (every supported architecture's norm, eps in `variance_epsilon`) in one pass."""
     eps = getattr(norm, "variance_epsilon", None)
@@ -195,24 +217,3 @@ def _linear_add(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, out:
     """residual + linear(x), the add done by the GEMM itself (one pass over the output, no temporary)."""
     y = torch.addmm(residual, x, linear.weight.t(), out=out)
     return y if linear.bias is None else y.add_(linear.bias)
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Identity of (architecture, config, weights, dtype) without hashing every byte.
-
-    Each parameter contributes its name, shape, dtype and up to 4096 evenly strided values, so two
-    checkpoints that differ anywhere meaningful (fine-tune, quantization, dtype) get different prints.
-    """
-    h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash", "use_cache"):
-        cfg.pop(volatile, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            sample = flat[::step][:4096].float().cpu()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]

@@ -3,11 +3,9 @@
 A blend reads every weight once per request for a few hundred rows, so its GEMMs stream weights
 from memory and take a TLB miss per 4 KB page. Where paging is virtualized twice (the microVMs
 kvblend is measured on) a miss is dear, and memory left alone for a moment is dearer at its next
-touch. In one process, the 29 selected-token MLP stages of a SmolLM2 blend took 0.49-0.54 s with
-the weights here against 0.60-0.70 s on transformers' tensors, and 0.59-0.71 s against
-0.85-1.06 s after 3 s idle. Linux backs anonymous memory advised MADV_HUGEPAGE with 2 MB pages
-when transparent_hugepage is `madvise` or `always`; with `never`, or off Linux, the arena is
-ordinary memory and nothing changes.
+touch; 2 MB pages take 512 times fewer misses (docs/benchmarks.md has the figures). Linux backs
+anonymous memory advised MADV_HUGEPAGE with 2 MB pages when transparent_hugepage is `madvise` or
+`always`; with `never`, or off Linux, the arena is ordinary memory and nothing changes.
 """
 from __future__ import annotations
 
