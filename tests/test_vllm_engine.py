@@ -263,3 +263,56 @@ def test_vllm_workers_put_weights_on_huge_pages(engine):
     most = max(huge_bytes(p.pid) for p in psutil.Process().children(recursive=True) if p.is_running())
     # a worker holds the model's weights (the engine here: a tiny model, 2 MB tensors and up qualify)
     assert most > 0 if huge_pages_allowed() else most == 0
+
+
+def test_blended_kv_never_serves_an_exact_request(tmp_path_factory):
+    """With vLLM's prefix caching on, an exact (full) request after a blend of the same prompt does not
+    reuse the blended blocks (it gets full prefill's tokens), while exact requests still share
+    theirs; a hand-off named without its salt is ignored."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from kvblend.engines.vllm import prepare
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("tiny_prefix") / "llama", "llama", head_dim=64, heads=4, kv_heads=2)
+    kb = KVBlend(model=str(folder), store=MemoryStore())
+    kb.precompute(CHUNKS)
+    expected = hf_tokens(kb, CHUNKS, "full")
+    assert hf_tokens(kb, CHUNKS, "blend") != expected  # a leak would show in the tokens too
+    with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, handoff_dir=str(tmp_path_factory.mktemp("handoff_prefix")),
+                    prefix_caching=True, enforce_eager=True) as eng:
+        on_vllm = kb.with_engine(eng)
+        blended = on_vllm.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
+        assert blended.stats.engine_cached_tokens == blended.stats.tokens_total
+        exact = on_vllm.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
+        assert exact.stats.engine_cached_tokens == 0 and exact.token_ids == expected
+        again = on_vllm.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
+        assert again.stats.engine_cached_tokens > 0 and again.token_ids == expected  # exact blocks are shared
+
+        p = prepare(kb, eng.handoff, CHUNKS[::-1], QUESTION, "blend", None, eng.max_model_len)
+        params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PARAM: p.handoff_key}})
+        try:
+            out = eng.llm.generate([TokensPrompt(prompt_token_ids=p.ids)], params, use_tqdm=False)[0]  # no salt
+        finally:
+            eng.handoff.remove(p.handoff_key)
+        assert list(out.outputs[0].token_ids) == hf_tokens(kb, CHUNKS[::-1], "full")
+
+
+def test_vllm_cpu_workers_get_every_core_unless_the_user_chose(monkeypatch):
+    """Without a binding, vLLM's CPU worker reserves cores for its scheduler: the baselines would run
+    on fewer cores than the blend."""
+    from kvblend.engines.vllm import tune_worker_environment
+
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    cores = sorted(os.sched_getaffinity(0))
+    tune_worker_environment()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cores))
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    tune_worker_environment(threads=1)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0" and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    tune_worker_environment(threads=1)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(cores[0])

