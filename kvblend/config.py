@@ -122,7 +122,7 @@ class StoreConfig(BaseModel):
     disk_mmap: bool = Field(True, description="read raw disk objects through a map of the file (no copy; a file "
                             "truncated in place while mapped kills the reader, which kvblend's own writes never do)")
     remote_url: str | None = None
-    codec: Literal["raw", "fp8", "int8"] = "raw"
+    codec: Literal["raw", "fp8", "int8", "int4"] = "raw"
     async_writes: bool = Field(True, description="write disk/remote tiers on a background thread")
     prefetch_layers: int = Field(2, ge=0, description="layers read ahead of the blend; 0: load on demand")
     min_recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description='floor of recompute_ratio="auto"')

@@ -59,7 +59,7 @@ def test_codec_option_sets_the_store_codec(tiny_models, chunks_file, tmp_path, s
     assert len(disk.entries()) == 2 and {disk.header(e).codec for e in disk.entries()} == {"int8"}
     bad = runner.invoke(app, ["generate", "--chunks-file", str(chunks_file), "--model", str(tiny_models["llama"]), "--codec", "zstd"])
     message = unwrapped(bad.output)
-    assert bad.exit_code == 2 and "unknown codec 'zstd'; choose one of raw, fp8, int8" in message
+    assert bad.exit_code == 2 and "unknown codec 'zstd'; choose one of raw, fp8, int8, int4" in message
     spec = tmp_path / "store.yaml"
     spec.write_text(f"store:\n  disk_dir: {store}\n  codec: fp8\n")
     assert store_config(str(spec), None).codec == "fp8" and store_config(str(spec), "raw").codec == "raw"

@@ -49,7 +49,7 @@ def known_codec(value: str | None) -> str | None:
 
 
 CodecOpt = Annotated[Optional[str], typer.Option("--codec", callback=known_codec, help=(
-    "KV codec of the store: raw, fp8 or int8 (default: the store config's, else raw; stored objects keep theirs)"))]
+    "KV codec of the store: raw, fp8, int8 or int4 (default: the store config's, else raw; stored objects keep theirs)"))]
 
 
 STORE_KINDS = "a store is a directory, a .yaml store config or a redis:// URL"

@@ -168,7 +168,7 @@ def list_objects(directory: DirArg, limit: Annotated[Optional[int], typer.Option
 
 
 @store_app.command()
-def recode(directory: DirArg, codec: Annotated[str, typer.Option("--codec", callback=known_codec, help="raw, fp8 or int8")]):
+def recode(directory: DirArg, codec: Annotated[str, typer.Option("--codec", callback=known_codec, help="raw, fp8, int8 or int4")]):
     """Rewrite every object in CODEC (quantizing is lossy: recoding back to raw does not restore the values)."""
     from kvblend.store.format import CorruptObject
 

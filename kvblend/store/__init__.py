@@ -32,13 +32,13 @@ def open_store(spec: str | StoreConfig | None = None) -> TieredStore:
         memory.append(MemoryStore(cfg.cpu_bytes, pin=cuda, name="cpu"))
     serialized = []
     if cfg.disk_dir:
-        serialized.append(DiskStore(cfg.disk_dir, cfg.disk_bytes, cfg.codec, pin=cuda, mmap=cfg.disk_mmap))
+        serialized.append(DiskStore(cfg.disk_dir, cfg.disk_bytes, cfg.codec, pin=cuda, mmap=cfg.disk_mmap, read_codec=cfg.codec))
     if cfg.remote_url:
         try:
             from kvblend.store.remote import RedisStore
         except ImportError as exc:
             raise ValueError(f"remote_url {cfg.remote_url} needs the redis client: pip install 'kvblend[redis]'") from exc
-        serialized.append(RedisStore(cfg.remote_url, cfg.codec, pin=cuda, retry_s=cfg.remote_retry_s))
+        serialized.append(RedisStore(cfg.remote_url, cfg.codec, pin=cuda, retry_s=cfg.remote_retry_s, read_codec=cfg.codec))
     return TieredStore(memory, serialized, cfg.codec, cfg.async_writes, LoadingController(cfg.min_recompute_ratio))
 
 

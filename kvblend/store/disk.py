@@ -25,7 +25,7 @@ from pathlib import Path
 
 from kvblend.store.base import ChunkKV
 from kvblend.store.durable import fsync_dir, new_file_mode
-from kvblend.store.format import CorruptObject, ObjectHeader, encode_object, parse_header
+from kvblend.store.format import CorruptObject, ObjectHeader, check_codec, encode_object, parse_header
 from kvblend.store.lazy import LazyChunk
 from kvblend.store.stats import TierStats
 
@@ -124,8 +124,11 @@ class Strays:
 
 class DiskStore:
     def __init__(self, root: str | Path, max_bytes: int | None = None, codec: str = "raw", pin: bool = False,
-                 mmap: bool = True):
+                 mmap: bool = True, read_codec: str | None = None):
+        """`codec` is what puts write; `read_codec`, when set, the only codec gets serve (an object in
+        another is a miss, see CodecMismatch); None serves any codec (maintenance: ls, verify, recode)."""
         self.root = Path(root).expanduser()
+        self.read_codec = read_codec
         self.mmap = mmap  # raw objects read through a map of the file (see FileReader.mapped)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes, self.codec, self.pin, self.name = max_bytes, codec, pin, "disk"
@@ -160,6 +163,7 @@ class DiskStore:
             return None
         try:
             header = self._check(fd, key, path)
+            check_codec(header, self.read_codec, str(path))
         except (CorruptObject, OSError) as exc:
             os.close(fd)
             self.discard(key)

@@ -34,6 +34,26 @@ class CorruptObject(Exception):
     """A stored object that must not be used: damaged, truncated, foreign or of another format."""
 
 
+class CodecMismatch(CorruptObject):
+    """A sound object in a codec other than the one the reading store is configured for: a miss.
+
+    Why a check and not the codec in the cache key: the key names the content (model, dtype,
+    chunk context, tokens), which every codec encodes, so one store holds one object per chunk,
+    corpus manifests and indices stay valid whatever the codec, and `kvblend store recode`
+    converts a store in place. A reader configured for codec X must still never serve Y's values
+    (raw readers would silently get quantized KV), so an object in Y is a miss like a damaged one:
+    the reader recomputes and its write replaces the object with X. Instances sharing a tier are
+    meant to share one codec; when they do not, each warns naming both codecs, and each still
+    serves only its own.
+    """
+
+
+def check_codec(header: "ObjectHeader", codec: str | None, where: str) -> None:
+    """Raise CodecMismatch unless `codec` is None (maintenance: any codec) or the header's codec."""
+    if codec is not None and header.codec != codec:
+        raise CodecMismatch(f"{where}: stored in codec {header.codec}, this store is configured for {codec}")
+
+
 def layer_hasher() -> xxhash.xxh3_64:
     """A fresh hasher of the per-layer checksum, fed part by part (a reader hashes as bytes land)."""
     return xxhash.xxh3_64()

@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kvblend.store.base import ChunkKV
-from kvblend.store.format import HEAD_READ, CorruptObject, encode_object, parse_header
+from kvblend.store.format import HEAD_READ, CorruptObject, check_codec, encode_object, parse_header
 from kvblend.store.lazy import LazyChunk
 from kvblend.store.stats import TierStats
 
@@ -51,8 +51,11 @@ class RedisReader:
 
 
 class RedisStore:
-    def __init__(self, url: str, codec: str = "raw", pin: bool = False, retry_s: float = 2.0, timeout_s: float = 1.0):
+    def __init__(self, url: str, codec: str = "raw", pin: bool = False, retry_s: float = 2.0, timeout_s: float = 1.0,
+                 read_codec: str | None = None):
+        """`read_codec`, when set, is the only codec gets serve (see CodecMismatch); None serves any."""
         self.url, self.codec, self.pin, self.retry_s, self.name = url, codec, pin, retry_s, "remote"
+        self.read_codec = read_codec
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                            retry=Retry(NoBackoff(), 0), retry_on_timeout=False)
         self.stats = TierStats()
@@ -100,6 +103,7 @@ class RedisStore:
                 return head[offset : offset + n] if offset + n <= len(head) else self.client.getrange(name, offset, offset + n - 1)
 
             header = parse_header(read_at, key, f"{self.url} {name}")
+            check_codec(header, self.read_codec, f"{self.url} {name}")
             if size != header.total_nbytes:
                 raise CorruptObject(f"{self.url} {name}: {size} bytes, its header says {header.total_nbytes}")
         except CorruptObject as exc:
