@@ -143,3 +143,20 @@ def test_bench_reports_every_method_and_plots(tiny_models, tmp_path):
 def test_models_pull_rejects_unknown_alias():
     res = runner.invoke(app, ["models", "pull", "gpt-17"])
     assert res.exit_code == 2 and "unknown alias" in unwrapped(res.output)
+
+
+def test_eval_frontier_sweeps_ratios_and_plots(tiny_models, tmp_path):
+    out, png = tmp_path / "eval.json", tmp_path / "frontier.png"
+    res = runner.invoke(app, ["eval", "cacheblend-1", "--limit", "1", "--top-k", "1", "--max-new-tokens", "2",
+                              "--model", str(tiny_models["llama"]), "--frontier", "--ratios", "0.5,0.1",
+                              "--methods", "full,blend[selection=random]", "--plot", str(png), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["full", "reuse", "blend[recompute_ratio=0.1]", "blend[recompute_ratio=0.5]", "blend[selection=random]"]
+    lo, hi = methods["reuse"]["kl_tf_ci"]
+    assert lo <= methods["reuse"]["kl_tf"] <= hi
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["eval", "cacheblend-1", "--model", str(tiny_models["llama"]), "--frontier", "--ratios", "0.1,2"])
+    assert res.exit_code == 2 and "--ratios" in unwrapped(res.output)
+    res = runner.invoke(app, ["eval", "cacheblend-1", "--model", str(tiny_models["llama"]), "--methods", "full"])
+    assert res.exit_code == 2 and "exceeds the model's context" in unwrapped(res.output)  # a clear error, no traceback

@@ -76,3 +76,15 @@ def test_loaders_name_the_bad_file(tmp_path):
     bad.write_text(json.dumps([{"question": "q"}]))
     with pytest.raises(ValueError, match="neither"):
         load_dataset(bad)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_records():
+    from kvblend.eval.metrics import bootstrap_interval
+
+    few = [0.0, 1.0] * 5
+    many = few * 20
+    lo, hi = bootstrap_interval(few)
+    assert lo < 0.5 < hi
+    lo2, hi2 = bootstrap_interval(many)
+    assert lo < lo2 < 0.5 < hi2 < hi
+    assert bootstrap_interval([0.3] * 7) == pytest.approx((0.3, 0.3))

@@ -29,6 +29,10 @@ def eval_command(
         "text file: the passage (stripped) primed chunks are encoded after; implies --chunk-context primed"))] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
+    frontier: Annotated[bool, typer.Option("--frontier", help=(
+        "sweep blend over --ratios beside full, reuse (and prefix on vllm), plus any --methods variants, and plot it"))] = False,
+    ratios: Annotated[str, typer.Option(help="recompute ratios the frontier sweeps")] = "0.05,0.1,0.15,0.2,0.3,0.5",
+    plot: Annotated[Path, typer.Option(help="where --frontier writes its PNG")] = Path("frontier.png"),
     model: ModelOpt = "smollm2-135m",
     store: StoreOpt = None,
     codec: CodecOpt = None,
@@ -39,6 +43,7 @@ def eval_command(
 ):
     """Compare methods against full prefill: F1, agreement, KL, TTFT and speed-up."""
     from kvblend.eval.datasets import load_dataset, resolve_dataset
+    from kvblend.eval.frontier import frontier_methods, parse_ratios, plot_frontier
     from kvblend.eval.methods import parse_methods
     from kvblend.eval.runner import evaluate
 
@@ -54,21 +59,35 @@ def eval_command(
         blend.setdefault("chunk_context", "primed")
     with make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio, **blend) as kb:
         try:
+            if frontier:
+                methods = frontier_methods(parse_ratios(ratios), methods, with_prefix="prefix" in kb.engine.methods)
             specs = parse_methods(methods, kb.config.blend)
         except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--methods")
+            raise typer.BadParameter(str(exc), param_hint="--ratios" if "--ratios" in str(exc) else "--methods")
         with Progress(console=console) as progress:
             task = progress.add_task(f"eval {len(records)} records x {len(specs)} methods", total=len(records))
-            report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task), shuffle_seed=shuffle_seed)
+            try:
+                report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task), shuffle_seed=shuffle_seed)
+            except ValueError as exc:  # a record the model cannot take (too long for its context, an empty chunk)
+                console.print(f"[red]error:[/red] {escape(str(exc))}")
+                raise typer.Exit(2)
         summary = report.summary()
         table = Table(title=f"{escape(dataset)}: {len(records)} records, top-k {top_k or 'all'}")
         for col in ("method", "F1", "1st-tok agree", "tok agree", "KL first", "KL tf16", "TTFT med (s)", "speed-up"):
             table.add_column(col, justify="right")
+        def with_ci(s: dict, key: str, digits: int) -> str:
+            lo, hi = s[f"{key}_ci"]
+            return f"{s[key]:.{digits}f} ±{(hi - lo) / 2:.{digits}f}" if lo == lo else f"{s[key]:.{digits}f}"
+
         for name, s in summary.items():
-            f1 = "-" if s["f1"] is None else f"{s['f1']:.3f}"
-            table.add_row(escape(name), f1, f"{s['first_token_agree']:.2f}", f"{s['token_agree']:.2f}", f"{s['kl_first']:.3f}",
-                          f"{s['kl_tf']:.3f}", f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
+            f1 = "-" if s["f1"] is None else with_ci(s, "f1", 3)
+            table.add_row(escape(name), f1, with_ci(s, "first_token_agree", 2), f"{s['token_agree']:.2f}", f"{s['kl_first']:.3f}",
+                          with_ci(s, "kl_tf", 3), f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
         console.print(table)
+        console.print("[dim]±: half the 95% bootstrap interval of the mean over records (bounds in --json)[/dim]")
+        if frontier:
+            plot_frontier(summary, specs, plot, f"{dataset}: {len(records)} records, {kb.config.model}")
+            console.print(f"frontier plot: {plot}")
         if json_out:
             config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "shuffle_seed": shuffle_seed, "engine": engine, "max_new_tokens": max_new_tokens,
                       "kvblend": kb.config.model_dump(), "threads": threads}

@@ -1,6 +1,7 @@
-"""Answer and agreement metrics: SQuAD-style F1, first-token and teacher-forced KL."""
+"""Answer and agreement metrics: SQuAD-style F1, first-token and teacher-forced KL, bootstrap intervals."""
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -42,3 +43,15 @@ def token_agreement(reference: list[int], tokens: list[int]) -> float:
     if not reference:
         return 1.0
     return sum(a == b for a, b in zip(reference, tokens)) / len(reference)
+
+
+def bootstrap_interval(values: list[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over records (resampled with replacement)."""
+    data = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if data.numel() == 0:
+        return math.nan, math.nan
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, data.numel(), (resamples, data.numel()), generator=generator)
+    means = data[picks].mean(dim=1)
+    tail = (1 - level) / 2
+    return float(means.quantile(tail)), float(means.quantile(1 - tail))

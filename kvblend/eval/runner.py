@@ -18,7 +18,7 @@ from kvblend.api import KVBlend
 from kvblend.engines.hf import step_logits, truncate
 from kvblend.eval.datasets import Record
 from kvblend.eval.methods import MethodSpec
-from kvblend.eval.metrics import f1_score, kl_divergence, token_agreement
+from kvblend.eval.metrics import bootstrap_interval, f1_score, kl_divergence, token_agreement
 
 
 @dataclass
@@ -39,16 +39,20 @@ class EvalReport:
     methods: dict[str, list[MethodRow]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, dict]:
+        """Per method: means over records, with 95% bootstrap intervals (`*_ci`) for the quality columns."""
         full = self.methods["full"]
         out = {}
         for name, rows in self.methods.items():
             f1s = [r.f1 for r in rows if r.f1 is not None]
             out[name] = {
                 "f1": statistics.fmean(f1s) if f1s else None,
+                "f1_ci": bootstrap_interval(f1s) if f1s else None,
                 "first_token_agree": statistics.fmean(r.first_agree for r in rows),
+                "first_token_agree_ci": bootstrap_interval([r.first_agree for r in rows]),
                 "token_agree": statistics.fmean(r.token_agree for r in rows),
                 "kl_first": statistics.fmean(r.kl_first for r in rows),
                 "kl_tf": statistics.fmean(r.kl_tf for r in rows),
+                "kl_tf_ci": bootstrap_interval([r.kl_tf for r in rows]),
                 "ttft_median_s": statistics.median(r.ttft_s for r in rows),
                 # paired per record, so drift of the machine's speed cancels out
                 "speedup_vs_full": statistics.median(f.ttft_s / r.ttft_s for f, r in zip(full, rows)),
