@@ -49,6 +49,7 @@ class LazyChunk:
         self._failure: str | None = None
         self._fallback: ChunkKV | None = None
         self._staged: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+        self._staging = threading.Lock()  # guards _staged: the prefetch thread fills it, the consumer drains it
         self._pin = pin
         self._data: torch.Tensor | None = None  # allocated on the first load: a lookup alone costs no memory
         self._mapped = False
@@ -141,22 +142,25 @@ class LazyChunk:
 
     def stage(self, i: int, device: torch.device, stream: torch.cuda.Stream) -> None:
         """Copy loaded layer i to `device` on a side CUDA stream (pipelined host→device)."""
-        if self._failure is not None or i >= self._loaded or i in self._staged:
-            return
+        with self._staging:
+            if self._failure is not None or i >= self._loaded or i in self._staged:
+                return
         with torch.cuda.stream(stream):
             k = self._keys[i].to(device, non_blocking=True)
             v = self._values[i].to(device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
-        self._staged[i] = (k, v, done)
+        with self._staging:
+            self._staged[i] = (k, v, done)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of layer i, each [kv_heads, tokens, head_dim]."""
         if self.on_progress:
             self.on_progress(i)
-        staged = self._staged.pop(i, None)
-        for j in [j for j in self._staged if j < i]:  # layers the consumer skipped
-            del self._staged[j]
+        with self._staging:
+            staged = self._staged.pop(i, None)
+            for j in [j for j in self._staged if j < i]:  # layers the consumer skipped
+                del self._staged[j]
         if staged is not None and self._failure is None:
             k, v, done = staged
             current = torch.cuda.current_stream(k.device)
