@@ -87,7 +87,8 @@ def test_the_configuration_reference_names_every_option_and_environment_variable
 
 
 def test_nothing_refers_to_a_folder_outside_the_repository():
-    outside = re.compile(r"\.\./" + "shared|/work/" + "shared|shared/" + "datasets|/tmp/" + "vllmproto")
+    pairs = [("..", "shared"), ("/work", "shared"), ("shared", "datasets"), ("/tmp", "vllmproto")]  # joined: no hit on this file
+    outside = re.compile("|".join(re.escape(f"{a}/{b}") for a, b in pairs))
     offenders = []
     for folder in ("kvblend", "kernels", "integrations", "examples", "notebooks", "tests", "scripts", "docs"):
         for path in (ROOT / folder).rglob("*"):
