@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kvblend.scratch import owner_only_dir
+
 _KEY = re.compile(r"^[0-9a-f]{32}$")
 PARAM = "kvblend_handoff"  # the kv_transfer_params field that names a request's hand-off
 SPARES = 2  # loaded hand-off files kept per folder for the next write to reuse
@@ -77,8 +79,7 @@ class HandoffDir:
     """Writes, reads and removes hand-off files in one folder."""
 
     def __init__(self, folder: str | Path | None = None):
-        self.folder = Path(folder) if folder else default_handoff_dir()
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.folder = owner_only_dir(folder or default_handoff_dir())
 
     def path(self, key: str) -> Path:
         if not is_handoff_key(key):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kvblend.config import StoreConfig
+from kvblend.scratch import owner_only_dir
 from kvblend.store import ChunkKV, DiskStore, MemoryStore, open_store
 from kvblend.store.disk import READ_PIECE
 from kvblend.store.format import HEAD_READ
@@ -241,7 +242,8 @@ def ttft(kb, directory: Path, context_tokens: int = 4096, chunk_tokens: int = 51
 
 def bench_store(directory: Path, kb=None, total_bytes: int = 256 * 2**20, context_tokens: int = 4096,
                 repeats: int = 3, datasets: Path | None = None) -> tuple[list[BandwidthRow], list[TTFTRow]]:
-    """Bandwidth rows, and TTFT rows when a KVBlend is given (scratch files go under `directory`)."""
+    """Bandwidth rows, and TTFT rows when a KVBlend is given (scratch files go under `directory`, owner-only)."""
+    directory = owner_only_dir(directory)
     rows = bandwidth(Path(directory) / "bandwidth", total_bytes, repeats)
     ttft_rows = ttft(kb, Path(directory) / "ttft", context_tokens, repeats=repeats, datasets=datasets) if kb is not None else []
     return rows, ttft_rows
