@@ -71,6 +71,10 @@ def precompute(
     embedder: EmbedderOpt = None,
     corpus: CorpusOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print counts and the store size needed; encode nothing")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", help=(
+        r"encode on a Ray cluster: 'local' (start one here), 'auto' (the running one) or its address; "
+        r"the store must be one every node reaches (pip install 'kvblend\[ray]')"))] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="with --ray: actors encoding at once, each holding the model")] = 1,
     encoding: Annotated[str, typer.Option("--encoding", help="text encoding of the input files")] = "utf-8",
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "cpu",
@@ -78,7 +82,7 @@ def precompute(
     threads: ThreadsOpt = None,
 ):
     """Chunk a corpus, encode every chunk's KV into the store (resumable) and index the chunks."""
-    from kvblend.corpus import ChunkSplitter, CorpusError, CorpusFolder, CorpusLocked, kv_bytes_per_token, plan_chunks, read_corpus
+    from kvblend.corpus import ChunkSplitter, CorpusError, CorpusFolder, CorpusLocked, kv_bytes_per_token, plan_chunks, read_corpus, store_chunks
 
     read = read_corpus(paths, text_field=text_field, encoding=encoding)
     for problem in read.problems:
@@ -107,30 +111,57 @@ def precompute(
     except (CorpusError, CorpusLocked, OSError) as exc:
         raise _fail(exc)
     try:
-        with make_kvblend(model, spec, device, dtype, threads=threads) as kb:
-            try:
-                folder.claim(model, kb.adapter.fingerprint)
-            except CorpusError as exc:
-                raise _fail(exc)
-            report = _encode(kb, planned, folder, per_token)
+        if ray:
+            report = _encode_on_ray(ray, workers, threads, model, spec, device, dtype, planned, folder, per_token)
+        else:
+            with make_kvblend(model, spec, device, dtype, threads=threads) as kb:
+                try:
+                    folder.claim(model, kb.adapter.fingerprint)
+                except CorpusError as exc:
+                    raise _fail(exc)
+                report = _encode(lambda manifest, advance: store_chunks(kb, planned, manifest, on_chunk=advance), planned, folder, per_token)
         # the store is closed: every write has landed or failed
         indexed = _index(embedder, folder) if index else True
     finally:
         lock.release()
-    if report.failed:
+    if report is not None and report.failed:
         reasons = report.failure_reasons()
         console.print(f"[red]error:[/red] {len(report.failed)} of {len(planned)} chunks could not be stored, so they are not "
                       f"in the manifest or the index:")
         for reason, count in reasons.most_common(5):
             console.print(f"  {count} × {reason}", soft_wrap=True, highlight=False)
         console.print("fix the store and run the same command again: chunks already stored are not encoded twice")
-    if report.failed or not indexed:
+    if report is None or report.failed or not indexed:
         raise typer.Exit(1)
 
 
-def _encode(kb, planned, folder, per_token: int):
-    """Store every chunk's KV with a progress bar (tokens/s, ETA); returns the PrecomputeReport."""
-    from kvblend.corpus import store_chunks
+def _encode_on_ray(address: str, workers: int, threads: int | None, model: str, spec, device: str, dtype: str,
+                   planned, folder, per_token: int):
+    """`_encode` on a Ray actor pool: each actor loads the model; this process only plans and records."""
+    from kvblend.config import KVBlendConfig
+    from kvblend.corpus import CorpusError
+    from kvblend.corpus.distributed import RaySettings, store_chunks_on_ray
+
+    config = KVBlendConfig(model=model, store=spec, device=device, dtype=dtype).model_dump(mode="json")
+    settings = RaySettings(address=address, workers=workers, threads_per_worker=threads or 1)
+
+    def claim(fingerprint: str) -> None:
+        try:
+            folder.claim(model, fingerprint)
+        except CorpusError as exc:
+            raise _fail(exc)
+
+    try:
+        return _encode(lambda manifest, advance: store_chunks_on_ray(config, planned, manifest, settings, claim, advance),
+                       planned, folder, per_token)
+    except ImportError as exc:
+        raise _fail(exc)
+
+
+def _encode(run, planned, folder, per_token: int):
+    """Store every chunk's KV with a progress bar (tokens/s, ETA): `run(manifest, on_chunk)` does the
+    work and returns the PrecomputeReport. Returns it (None if the manifest could not be written: the
+    error is printed)."""
 
     started = time.perf_counter()
     with folder.manifest() as manifest, _token_progress() as progress:
@@ -144,9 +175,11 @@ def _encode(kb, planned, folder, per_token: int):
                 progress.update(task, total=progress.tasks[task].total - item.tokens, done=done)
 
         try:
-            report = store_chunks(kb, planned, manifest, on_chunk=advance)
+            report = run(manifest, advance)
         except OSError as exc:  # the manifest itself could not be written (a full disk)
-            raise _fail(f"{exc}; chunks stored but not recorded are found (not encoded again) by the next run", code=1)
+            console.print(f"[red]error:[/red] {exc}; chunks stored but not recorded are found (not encoded again) by the "
+                          "next run", soft_wrap=True, highlight=False)
+            return None
         except ValueError as exc:
             raise _fail(exc)
     failed = f"; [red]{len(report.failed)} failed[/red] (not stored)" if report.failed else ""
@@ -243,7 +276,8 @@ def ask(
             raise _fail(exc)
         print()
         table = Table("#", "score", "source", "chars", "tokens", "cache", title="sources", title_justify="left")
-        for rank, (h, hit) in enumerate(zip(hits, cached), start=1):
+        reused = result.stats.reused or cached  # what the blend took from the store (full prefill: what is stored)
+        for rank, (h, hit) in enumerate(zip(hits, reused), start=1):
             r = h.record
             table.add_row(str(rank), f"{h.score:.3f}", r.source, f"{r.start}-{r.end}", str(r.tokens), "hit" if hit else "miss")
         console.print(table)

@@ -62,6 +62,7 @@ class RedisStore:
         self._bad: set[str] = set()
         self._down_until = 0.0
         self._down = False
+        self._last_error = ""
         self._lock = threading.Lock()
 
     @staticmethod
@@ -78,6 +79,7 @@ class RedisStore:
             if not self._down:
                 log.warning("remote tier %s unavailable (%s): serving from local tiers, retrying every %.1fs", self.url, exc, self.retry_s)
             self._down = True
+            self._last_error = str(exc)
             self._down_until = time.monotonic() + self.retry_s
         self.stats.add(errors=1)
 
@@ -119,7 +121,7 @@ class RedisStore:
     def put(self, key: str, kv: ChunkKV) -> None:
         """Store the object on the server; RemoteUnavailable if it did not take it."""
         if not self.available():
-            raise RemoteUnavailable(f"{self.url} is unavailable (retried every {self.retry_s:.1f}s)")
+            raise RemoteUnavailable(f"{self.url} is unavailable ({self._last_error})")
         header, blobs = encode_object(kv, self.codec)
         data = bytearray(header.to_bytes())
         for parts in blobs:
@@ -129,7 +131,7 @@ class RedisStore:
             self.client.set(self.object_name(key), memoryview(data))
         except redis.RedisError as exc:
             self.failed(exc)
-            raise RemoteUnavailable(f"{self.url}: {exc}") from exc
+            raise RemoteUnavailable(f"{self.url} is unavailable ({exc})") from exc
         self._succeeded()
         self._bad.discard(key)
         self.stats.add(writes=1, bytes_written=len(data))

@@ -1,0 +1,80 @@
+"""`kvblend serve` (the real SmolLM2-135M, CPU) after a request full of new chunks: encoding them in the
+background must not hold up the next request, and its timing headers must count any wait.
+
+Skipped where vLLM is not installed.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
+httpx = pytest.importorskip("httpx")
+
+from test_vllm_serve import free_port  # noqa: E402
+
+CACHED = "The lighthouse on the northern cape has kept its lamp lit every night since 1821, tended by three keepers."
+NEW = [f"Record {i}: the warehouse at dock {i} stores {i * 7 % 31} crates of tea, {i * 3 % 17} of spices and "
+       f"{i * 11 % 23} of porcelain, counted each Monday by clerk number {i % 9}." for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory, real_kb):
+    """(chat URL, client) of a `kvblend serve` over a store holding CACHED; stopped afterwards."""
+    from kvblend import KVBlend
+
+    root = tmp_path_factory.mktemp("serve-misses")
+    with KVBlend(store=str(root / "store")) as kb:
+        kb.precompute([CACHED])
+    port = free_port()
+    command = [sys.executable, "-c", "from kvblend.cli import app; app()", "serve", "--store", str(root / "store"),
+               "--port", str(port), "--kv-cache-bytes", "512MiB", "--max-model-len", "8192", "--handoff-dir",
+               str(root / "handoff"), "--enforce-eager"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpx.Client(timeout=600)
+    try:
+        deadline = time.time() + 400
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"kvblend serve exited early:\n{(root / 'server.log').read_text()[-3000:]}")
+            try:
+                client.get(f"http://127.0.0.1:{port}/v1/models")
+                break
+            except httpx.TransportError:
+                if time.time() > deadline:
+                    pytest.fail("kvblend serve did not come up in 400 s")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{port}/v1/chat/completions", client
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def ask(server, chunks, question="Since when has the lamp been lit?"):
+    url, client = server
+    t0 = time.perf_counter()
+    r = client.post(url, json={"model": "smollm2-135m", "messages": [{"role": "user", "content": question}], "max_tokens": 4,
+                               "temperature": 0, "kvblend": {"chunks": chunks}})
+    r.raise_for_status()
+    return time.perf_counter() - t0, {k[len("x-kvblend-"):]: v for k, v in r.headers.items() if k.startswith("x-kvblend-")}
+
+
+def test_encoding_misses_does_not_hold_up_the_next_request(real_server):
+    alone = min(ask(real_server, [CACHED])[0] for _ in range(3))
+    _, big = ask(real_server, NEW, "How many crates of tea are at dock 7?")
+    assert big["chunk-misses"] == "120"
+    latency, headers = ask(real_server, [CACHED])  # at once: the 120 chunks are being encoded now
+    assert headers["chunk-hits"] == "1"
+    assert int(headers["queued-misses"]) > 0  # it went ahead of the background work, not after all of it
+    assert float(headers["wait-seconds"]) < 1.0  # at most one chunk's encoding
+    assert float(headers["prepare-seconds"]) >= float(headers["wait-seconds"])  # the header counts the wait
+    assert latency < alone + 2.0, (latency, alone)
