@@ -12,7 +12,9 @@ model in this process, and rewritten into the prompt's token ids plus `kv_transf
 name the hand-off; vLLM then serves it like any request (streaming, sampling, errors). Every
 other request passes through untouched. The question is the prompt (completions) or the single
 user message (chat). Chunks missing from the store are recomputed in the blend and, with
-`precompute_misses`, encoded into the store after the response for next time.
+`precompute_misses`, encoded into the store after the response for next time, in the background
+and behind later requests (kvblend.engines.serve_misses); a response's timing headers include
+any wait for the model.
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ import json
 import logging
 import os
 import sys
-import threading
+import time
 from typing import Any
 
 from kvblend.config import BlendConfig, KVBlendConfig
 from kvblend.engines.vllm import Prepared, prepare
+from kvblend.engines.serve_misses import BlendLock, MissEncoder
 from kvblend.engines.vllm_handoff import PARAM, HandoffDir
 
 log = logging.getLogger(__name__)
@@ -50,11 +53,15 @@ def _question(body: dict[str, Any], chat: bool) -> str:
     if not chat:
         if not isinstance(body.get("prompt"), str):
             raise BadRequest("with kvblend, 'prompt' must be the question as one string")
+        if not body["prompt"].strip():
+            raise BadRequest("with kvblend, 'prompt' is the question: it is empty")
         return body["prompt"]
     messages = body.get("messages")
     if not (isinstance(messages, list) and len(messages) == 1 and isinstance(messages[0], dict)
             and messages[0].get("role") == "user" and isinstance(messages[0].get("content"), str)):
         raise BadRequest("with kvblend, 'messages' must be one user message whose content is the question (a string)")
+    if not messages[0]["content"].strip():
+        raise BadRequest("with kvblend, the user message is the question: it is empty")
     return messages[0]["content"]
 
 
@@ -63,8 +70,8 @@ def _blend_config(base: BlendConfig, spec: dict[str, Any]) -> BlendConfig | None
         return None
     try:
         return BlendConfig.model_validate(base.model_dump() | {"recompute_ratio": spec["recompute_ratio"]})
-    except ValueError as exc:
-        raise BadRequest(f"kvblend.recompute_ratio: {exc}") from exc
+    except ValueError:
+        raise BadRequest(f'kvblend.recompute_ratio must be a number from 0 to 1 or "auto", not {spec["recompute_ratio"]!r}') from None
 
 
 def _receive_body(body: bytes, receive):
@@ -97,10 +104,13 @@ async def _send_error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _stats_headers(p: Prepared) -> list[tuple[bytes, bytes]]:
+def _stats_headers(p: Prepared, queued_misses: int) -> list[tuple[bytes, bytes]]:
+    """x-kvblend-* headers: the blend's counts, its time from the request's arrival (prepare, wait
+    included), the wait for the model, and the missed chunks still queued for background encoding."""
     s = p.stats
     values = {"blended": str(p.handoff_key is not None).lower(), "chunk-hits": s.chunk_hits, "chunk-misses": s.chunk_misses,
-              "tokens-recomputed": s.tokens_recomputed, "prepare-seconds": f"{s.stages_s['prepare']:.4f}"}
+              "tokens-recomputed": s.tokens_recomputed, "prepare-seconds": f"{s.stages_s['prepare']:.4f}",
+              "wait-seconds": f"{s.stages_s.get('wait', 0.0):.4f}", "queued-misses": queued_misses}
     return [(f"x-kvblend-{k}".encode(), str(v).encode()) for k, v in values.items()]
 
 
@@ -115,8 +125,8 @@ class KVBlendMiddleware:
         self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]))
         self.handoff = HandoffDir(settings["handoff_dir"])
         self.precompute_misses = bool(settings.get("precompute_misses", True))
-        self._lock = threading.Lock()  # one blend at a time: the model and executor are shared
-        self._background: set[asyncio.Task] = set()
+        self._lock = BlendLock()  # one blend at a time (the model and executor are shared), requests first
+        self._misses = MissEncoder(self.kb, self._lock) if self.precompute_misses else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(PATHS):
@@ -128,17 +138,19 @@ class KVBlendMiddleware:
             body = None
         if not isinstance(body, dict) or "kvblend" not in body or not self._authorized(scope):
             return await self.app(scope, _receive_body(raw, receive), send)  # vLLM answers (and authenticates) as usual
+        arrived = time.perf_counter()
         try:
-            body, prepared, chunks = await asyncio.to_thread(self._rewrite, scope, body)
+            body, prepared, chunks = await asyncio.to_thread(self._rewrite, scope, body, arrived)
         except BadRequest as exc:
             return await _send_error(send, 400, str(exc))
+        queued = self._misses.pending() if self._misses is not None else 0
         new_raw = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(new_raw)).encode())])
 
         async def send_with_stats(message):
             if message["type"] == "http.response.start":
-                message = dict(message, headers=list(message.get("headers", [])) + _stats_headers(prepared))
+                message = dict(message, headers=list(message.get("headers", [])) + _stats_headers(prepared, queued))
             await send(message)
 
         try:
@@ -146,10 +158,8 @@ class KVBlendMiddleware:
         finally:
             if prepared.handoff_key:
                 self.handoff.remove(prepared.handoff_key)
-            if self.precompute_misses and prepared.stats.chunk_misses:
-                task = asyncio.create_task(asyncio.to_thread(self._precompute, chunks))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            if self._misses is not None and prepared.stats.chunk_misses:
+                self._misses.submit(chunks)  # encoded in the background, behind later requests
 
     def _authorized(self, scope) -> bool:
         """With an API key configured, only authenticated requests are blended (vLLM rejects the rest)."""
@@ -158,8 +168,11 @@ class KVBlendMiddleware:
         auth = dict(scope["headers"]).get(b"authorization", b"").decode()
         return not keys or any(auth == f"Bearer {k}" for k in keys)
 
-    def _rewrite(self, scope, body: dict[str, Any]) -> tuple[dict[str, Any], Prepared, list[str]]:
-        """Blend (or just tokenize) the RAG prompt; returns vLLM's request body, the request, the chunks."""
+    def _rewrite(self, scope, body: dict[str, Any], arrived: float) -> tuple[dict[str, Any], Prepared, list[str]]:
+        """Blend (or just tokenize) the RAG prompt; returns vLLM's request body, the request, the chunks.
+
+        The stats' "prepare" stage counts from the request's arrival (`arrived`), "wait" up to the
+        moment the model was free for it."""
         spec = body.pop("kvblend")
         chat = scope["path"].endswith("/chat/completions")
         chunks = spec.get("chunks") if isinstance(spec, dict) else None
@@ -171,11 +184,13 @@ class KVBlendMiddleware:
         question = _question(body, chat)
         config = _blend_config(self.kb.config.blend, spec)
         max_model_len = scope["app"].state.vllm_config.model_config.max_model_len
-        with self._lock:
+        with self._lock.held(urgent=True):
+            waited = time.perf_counter() - arrived
             try:
                 prepared = prepare(self.kb, self.handoff, chunks, question, method, config, max_model_len)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from exc
+        prepared.stats.stages_s.update(wait=waited, prepare=time.perf_counter() - arrived)
         params = dict(body.get("kv_transfer_params") or {})
         if prepared.handoff_key:
             params[PARAM] = prepared.handoff_key
@@ -186,7 +201,3 @@ class KVBlendMiddleware:
         if params:
             body["kv_transfer_params"] = params
         return body, prepared, chunks
-
-    def _precompute(self, chunks: list[str]) -> None:
-        with self._lock:
-            self.kb.precompute(chunks)
