@@ -57,32 +57,109 @@ def test_non_prefix_reuse_when_first_chunk_misses(kb):
     torch.testing.assert_close(exact.logits, kb.prefill(chunks, QUESTION, "full").logits, atol=1e-4, rtol=0)
 
 
-def test_recompute_budget_and_gradual_filtering(kb):
-    n_cached = sum(len(kb.builder.encode(c)) for c in CHUNKS)
-    pre = kb.prefill(CHUNKS, QUESTION, "blend", config=BlendConfig(recompute_ratio=0.2))
-    assert pre.stats.tokens_recomputed == math.ceil(0.2 * n_cached)
-    cfg = BlendConfig(recompute_ratio=0.1, check_layers=[1, 2], check_ratios=[0.4, 0.1])
-    assert kb.prefill(CHUNKS, QUESTION, "blend", config=cfg).stats.tokens_recomputed == math.ceil(0.1 * n_cached)
+class Planted:
+    """CHUNKS' stored KV with chosen cached tokens pushed far off at chosen layers, so which tokens a
+    check layer must keep is known: the planted ones, by the deviation the selection reads."""
+
+    def __init__(self, kb):
+        self.kb = kb
+        self.prompt = kb.build_prompt(CHUNKS, QUESTION)
+        self.chunks = [(start, kb.store.get(kb.key_for(seg.ids)))
+                       for seg, start in zip(self.prompt.segments, self.prompt.starts()) if seg.chunk is not None]
+        self.cached = [p for start, kv in self.chunks for p in range(start, start + kv.num_tokens)]
+        self.keys = [kv.keys.clone() for _, kv in self.chunks]
+        self.values = [kv.values.clone() for _, kv in self.chunks]
+
+    def budget(self, ratio: float) -> int:
+        return math.ceil(ratio * len(self.cached) - 1e-9)
+
+    def plant(self, layer: int, which: str, positions, size: float = 50.0) -> None:
+        for (start, kv), keys, values in zip(self.chunks, self.keys, self.values):
+            rows = [p - start for p in positions if start <= p < start + kv.num_tokens]
+            (keys if which == "k" else values)[layer][:, rows] += size
+
+    def selected(self, **config) -> set[int]:
+        from kvblend.blend.executor import CachedSpan
+        from kvblend.store import ChunkKV
+
+        spans = [CachedSpan(start, ChunkKV(kv.key, kv.fingerprint, k, v))
+                 for (start, kv), k, v in zip(self.chunks, self.keys, self.values)]
+        out = self.kb.executor.run(torch.tensor(self.prompt.ids), spans, question_start=self.prompt.starts()[-1],
+                                   config=BlendConfig(**config))
+        return set(out.selected.tolist())
 
 
-@pytest.mark.parametrize("overrides", [dict(selection="query"), dict(selection="random"), dict(deviation="k"),
-                                       dict(deviation="kv"), dict(sink_tokens=3)])
-def test_selection_variants_spend_the_same_budget(kb, overrides):
-    base = kb.prefill(CHUNKS, QUESTION, "blend", config=BlendConfig(recompute_ratio=0.25))
-    variant = kb.prefill(CHUNKS, QUESTION, "blend", config=BlendConfig(recompute_ratio=0.25, **overrides))
-    assert variant.stats.tokens_recomputed == base.stats.tokens_recomputed
-    assert torch.isfinite(variant.logits).all()
+@pytest.mark.parametrize("deviation", ["v", "k", "kv"])
+def test_deviation_selection_keeps_the_planted_tokens(kb, deviation):
+    """V planted on one set, K on another: "v" keeps the first, "k" the second, "kv" both halves."""
+    t = Planted(kb)
+    b = t.budget(0.05)
+    v_set, k_set = set(t.cached[3::17][:b]), set(t.cached[11::17][:b])
+    assert not v_set & k_set and len(v_set) == len(k_set) == b
+    if deviation == "kv":  # half of each: both signals count, each against its own mean
+        v_set, k_set = set(sorted(v_set)[: b // 2]), set(sorted(k_set)[: b - b // 2])
+    t.plant(1, "v", v_set)
+    t.plant(1, "k", k_set)
+    expected = {"v": v_set, "k": k_set, "kv": v_set | k_set}[deviation]
+    assert t.selected(recompute_ratio=0.05, deviation=deviation) == expected
 
 
-def test_sink_tokens_are_recomputed(kb):
-    ex = kb.executor
-    prompt = kb.build_prompt(CHUNKS, QUESTION)
-    from kvblend.blend.executor import CachedSpan
+def test_sink_tokens_are_kept_first_within_the_budget(kb):
+    t = Planted(kb)
+    b = t.budget(0.05)
+    sinks = {start + i for start, _ in t.chunks for i in range(2)}
+    planted = set([p for p in t.cached[5::13] if p not in sinks][: b - len(sinks)])
+    t.plant(1, "v", planted)
+    assert t.selected(recompute_ratio=0.05, sink_tokens=2) == sinks | planted
+    plain = t.selected(recompute_ratio=0.05)
+    assert planted < plain and not sinks <= plain
 
-    spans = [CachedSpan(start, kb.store.get(kb.key_for(seg.ids))) for seg, start in zip(prompt.segments, prompt.starts()) if seg.chunk is not None]
-    out = ex.run(torch.tensor(prompt.ids), spans, config=BlendConfig(recompute_ratio=0.2, sink_tokens=2))
-    for s in spans:
-        assert {s.start, s.start + 1} <= set(out.selected.tolist())
+
+def test_query_selection_prefers_the_tokens_the_question_attends(kb):
+    """Equal deviation planted on the b cached tokens the question attends most at layer 1 and on
+    the b it attends least (by transformers' own attention weights): the query-aware ranking keeps
+    the first b, the plain deviation ranking cannot tell them apart."""
+    t = Planted(kb)
+    b = t.budget(0.05)
+    ids = torch.tensor([t.prompt.ids])
+    kb.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            probs = kb.model(input_ids=ids, output_attentions=True).attentions[1][0]  # [heads, N, N]
+    finally:
+        kb.model.set_attn_implementation("sdpa")
+    attention = probs[:, t.prompt.starts()[-1]:].mean(dim=(0, 1))
+    ranked = sorted(t.cached, key=lambda p: float(attention[p]))
+    most, least = set(ranked[-b:]), set(ranked[:b])
+    t.plant(1, "v", most | least)
+    assert t.selected(recompute_ratio=0.05, selection="query", query_weight=1.0) == most
+    assert t.selected(recompute_ratio=0.05) != most
+
+
+def test_gradual_filtering_only_narrows_the_earlier_choice(kb):
+    """Layer 1 keeps the planted A (r = 0.1); layer 2 keeps B within A (r = 0.05), never C, which
+    deviates more at layer 2 but was dropped at layer 1."""
+    t = Planted(kb)
+    a = set(t.cached[2::9][: t.budget(0.1)])
+    b = set(sorted(a)[::2][: t.budget(0.05)])
+    assert len(b) == t.budget(0.05)
+    c = set([p for p in t.cached[4::9] if p not in a][: t.budget(0.05)])
+    t.plant(1, "v", a)
+    t.plant(2, "v", b)
+    t.plant(2, "v", c, size=200.0)
+    assert t.selected(recompute_ratio=0.05, check_layers=[1, 2], check_ratios=[0.1, 0.05]) == b
+    assert t.selected(recompute_ratio=0.05, check_layers=[2]) == c  # one check at layer 2 alone takes C
+
+
+def test_random_selection_ignores_deviation_and_follows_its_seed(kb):
+    t = Planted(kb)
+    b = t.budget(0.05)
+    planted = set(t.cached[3::17][:b])
+    t.plant(1, "v", planted)
+    first = t.selected(recompute_ratio=0.05, selection="random")
+    assert len(first) == b and first != planted
+    assert t.selected(recompute_ratio=0.05, selection="random") == first
+    assert t.selected(recompute_ratio=0.05, selection="random", seed=1) != first
 
 
 @pytest.mark.parametrize("method", ["blend", "reuse"])

@@ -58,19 +58,36 @@ def test_full_recompute_reproduces_full_prefill(kb):
     assert a == b
 
 
-def test_zero_ratio_without_check_is_full_reuse(kb):
-    """Invariant 2: r = 0 with no check layer equals PromptCache-style full reuse."""
+def assert_matches_reference(pre, ref_cache, ref_logits, layers: int) -> None:
+    torch.testing.assert_close(pre.logits, ref_logits, atol=1e-4, rtol=0)
+    for i in range(layers):
+        torch.testing.assert_close(pre.cache.layers[i].keys, ref_cache.layers[i].keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pre.cache.layers[i].values, ref_cache.layers[i].values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["reuse", "blend"])
+def test_zero_ratio_without_check_is_full_reuse(kb, method):
+    """Invariant 2: r = 0 with no check layer (and the reuse method) equals PromptCache-style full
+    reuse as transformers computes it segment by segment."""
     order = [2, 0, 1]
     chunks = [CHUNKS[i] for i in order]
     ref_cache, ref_logits = segment_reference(kb, chunks, QUESTION, cached={0, 1, 2})
-    reuse = kb.prefill(chunks, QUESTION, "reuse")
-    assert reuse.stats.tokens_recomputed == 0
-    assert torch.allclose(reuse.logits, ref_logits, atol=1e-4)
-    for i in range(kb.adapter.num_layers):
-        assert torch.allclose(reuse.cache.layers[i].keys, ref_cache.layers[i].keys, atol=1e-5)
-        assert torch.allclose(reuse.cache.layers[i].values, ref_cache.layers[i].values, atol=1e-5)
-    same = kb.prefill(chunks, QUESTION, "blend", config=BlendConfig(recompute_ratio=0.0, check_layers=[]))
-    assert torch.equal(same.logits, reuse.logits)
+    config = BlendConfig(recompute_ratio=0.0, check_layers=[]) if method == "blend" else None
+    pre = kb.prefill(chunks, QUESTION, method, config=config)
+    assert pre.stats.tokens_recomputed == 0 and pre.stats.chunk_hits == 3
+    assert_matches_reference(pre, ref_cache, ref_logits, kb.adapter.num_layers)
+
+
+@pytest.mark.parametrize("missing", [0, 1], ids=["leading-miss", "middle-miss"])
+def test_reuse_with_a_miss_equals_the_segment_reference(kb, missing):
+    """A chunk the store does not have is computed as fresh text over the reused KV before it,
+    and the hits after it are still reused as stored: transformers, segment by segment."""
+    chunks = list(CHUNKS)
+    chunks[missing] = "Carol painted the garage door green last summer, twice."
+    pre = kb.prefill(chunks, QUESTION, "reuse")
+    assert (pre.stats.chunk_hits, pre.stats.chunk_misses) == (2, 1)
+    ref_cache, ref_logits = segment_reference(kb, chunks, QUESTION, cached={0, 1, 2} - {missing})
+    assert_matches_reference(pre, ref_cache, ref_logits, kb.adapter.num_layers)
 
 
 def test_realigned_keys_equal_fresh_keys_at_layer0(kb):
