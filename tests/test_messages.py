@@ -4,6 +4,7 @@ Unknown models and store specs, store maintenance on things that are not stores,
 file modes on a shared store, and hit counts that follow what the blend actually reused.
 """
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -18,17 +19,21 @@ from test_faults import free_port, text, write_docs
 runner = CliRunner()
 
 
-def test_unknown_model_alias_names_the_known_ones_and_fetches_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda *a, **k: pytest.fail("a model hub was asked"))
+@pytest.fixture()
+def chunks_file(tmp_path):
+    path = tmp_path / "chunks.json"
+    path.write_text('{"0": "The cat is called Biscuit.", "chunk_num": 1, "query": "What is the cat called?"}')
+    return path
+
+
+def test_unknown_model_alias_names_the_known_ones_and_fetches_nothing(tmp_path, chunks_file):
     docs = write_docs(tmp_path / "docs", 1)
     for args in (["precompute", str(docs), "--store", str(tmp_path / "s")], ["precompute", str(docs), "--store", str(tmp_path / "s"), "--dry-run"],
-                 ["ask", "q?", "--store", str(tmp_path / "s")]):
+                 ["generate", "--chunks-file", str(chunks_file)]):
         res = runner.invoke(app, [*args, "--model", "smollm2-1.7b"])
         out = text(res.output)
-        if args[0] == "ask":  # no index yet: that is what ask says first
-            continue
         assert res.exit_code == 2 and "unknown model 'smollm2-1.7b'" in out and "smollm2-135m" in out, res.output
+        assert "fetches nothing from a model hub" in out
     res = runner.invoke(app, ["precompute", str(docs), "--store", str(tmp_path / "s"), "--model", "/nonexistent", "--dry-run"])
     assert res.exit_code == 2 and "model folder /nonexistent does not exist" in text(res.output), res.output
     assert "Repo id" not in res.output
@@ -139,6 +144,15 @@ def test_chunk_tokens_over_the_context_are_refused_before_loading(tiny_models, t
     assert not (tmp_path / "s").exists()
 
 
+def flip_a_byte(path: Path) -> None:
+    """Damage the last layer's data: found only when the layer is read and checked."""
+    with open(path, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
 def test_hits_count_what_the_blend_reused(tiny_models, tmp_path):
     """A chunk whose stored layer fails its checksum is recomputed: a miss in the stats and in ask's table."""
     from kvblend import KVBlend
@@ -149,15 +163,43 @@ def test_hits_count_what_the_blend_reused(tiny_models, tmp_path):
     assert runner.invoke(app, ["precompute", str(docs), "--store", str(store), "--model", model]).exit_code == 0
     disk = DiskStore(store)
     keys = sorted(e.key for e in disk.entries())
-    with open(disk.path(keys[0]), "r+b") as f:  # one flipped byte in the last layer: found when it is read
-        f.seek(-5, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-5, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x40]))
+    flip_a_byte(disk.path(keys[0]))
+    res = runner.invoke(app, ["ask", "Which tower keeps bells?", "--store", str(store), "--model", model, "--top-k", "3",
+                              "--max-new-tokens", "1"])
+    assert res.exit_code == 0 and "(2 hits, 1 misses)" in text(res.output), res.output
+    table = [line for line in res.output.splitlines() if line.strip().startswith(("│ 1", "│ 2", "│ 3"))]
+    assert sum(" miss " in line for line in table) == 1 and sum(" hit " in line for line in table) == 2, res.output
+    flip_a_byte(disk.path(keys[0]))  # healed by the recompute: damage it again
     with KVBlend(model=model, store=str(store)) as kb:
         from kvblend.corpus import CorpusFolder
 
         records = sorted(CorpusFolder.for_store(str(store)).manifest().records.values(), key=lambda r: r.key)
         result = kb.generate([r.text for r in records], "Which tower keeps bells?", max_new_tokens=1)
     assert (result.stats.chunk_hits, result.stats.chunk_misses) == (2, 1)
-    assert result.stats.tokens_cached == sum(r.tokens for r in records[1:])
+    assert result.stats.reused == [r.key != keys[0] for r in records]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_hits_count_nothing_reused_when_redis_dies_mid_request(tiny_models, tmp_path, monkeypatch):
+    """Redis answers the lookups, then dies before the layers are read: every chunk is recomputed, and counted a miss."""
+    import kvblend.api
+    from kvblend import KVBlend
+    from kvblend.config import KVBlendConfig, StoreConfig
+    from test_faults import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        chunks = [f"Passage {i}: the tower at the harbour keeps {i} bells and rings them at dawn." for i in range(3)]
+        config = StoreConfig(remote_url=server.url, prefetch_layers=0)  # layers are read by the blend itself
+        settings = KVBlendConfig(model=str(tiny_models["llama"]), store=config)
+        with KVBlend(config=settings) as kb:
+            kb.precompute(chunks)
+        start_prefetch = kvblend.api.start_prefetch
+        monkeypatch.setattr(kvblend.api, "start_prefetch", lambda *a: (server.kill(), start_prefetch(*a))[1])
+        with KVBlend(config=settings) as kb:
+            result = kb.generate(chunks, "How many bells?", max_new_tokens=1)
+        assert (result.stats.chunk_hits, result.stats.chunk_misses, result.stats.reused) == (0, 3, [False] * 3)
+    finally:
+        if server.proc.poll() is None:
+            server.kill()

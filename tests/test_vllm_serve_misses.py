@@ -17,12 +17,11 @@ httpx = pytest.importorskip("httpx")
 from test_vllm_serve import free_port  # noqa: E402
 
 CACHED = "The lighthouse on the northern cape has kept its lamp lit every night since 1821, tended by three keepers."
-NEW = [f"Record {i}: the warehouse at dock {i} stores {i * 7 % 31} crates of tea, {i * 3 % 17} of spices and "
-       f"{i * 11 % 23} of porcelain, counted each Monday by clerk number {i % 9}." for i in range(120)]
+NEW = [f"Record {i}: dock {i} holds {i * 7 % 31} crates of tea." for i in range(120)]  # short: vLLM's prefill stays small
 
 
 @pytest.fixture(scope="module")
-def real_server(tmp_path_factory, real_kb):
+def real_server(tmp_path_factory):
     """(chat URL, client) of a `kvblend serve` over a store holding CACHED; stopped afterwards."""
     from kvblend import KVBlend
 
@@ -75,6 +74,6 @@ def test_encoding_misses_does_not_hold_up_the_next_request(real_server):
     latency, headers = ask(real_server, [CACHED])  # at once: the 120 chunks are being encoded now
     assert headers["chunk-hits"] == "1"
     assert int(headers["queued-misses"]) > 0  # it went ahead of the background work, not after all of it
-    assert float(headers["wait-seconds"]) < 1.0  # at most one chunk's encoding
+    assert float(headers["wait-seconds"]) < alone  # at most one chunk's encoding, not the queue's
     assert float(headers["prepare-seconds"]) >= float(headers["wait-seconds"])  # the header counts the wait
-    assert latency < alone + 2.0, (latency, alone)
+    assert latency < 2 * alone + 1.0, (latency, alone)  # before: the whole queue's encoding (47x on a loaded 2-core host)
