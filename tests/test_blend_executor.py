@@ -9,7 +9,7 @@ from tiny import dense_attention
 from kvblend import BlendConfig, KVBlend
 from kvblend.kernels import plan_attention, selected_attention
 from kvblend.models import UnsupportedModelError
-from kvblend.store import DirectoryStore
+from kvblend.store import open_store
 
 CHUNKS = [
     "Alice keeps the spare key under the blue flowerpot by the back door.",
@@ -214,11 +214,11 @@ def test_bad_input_is_a_clear_error(kb):
 
 def test_cache_of_another_model_or_dtype_is_a_miss(tiny_models, tmp_path):
     """Two models sharing one store directory never see each other's caches."""
-    store = DirectoryStore(tmp_path / "store")
+    store = open_store(str(tmp_path / "store"))
     a = KVBlend(model=str(tiny_models["llama"]), store=store)
     a.precompute(CHUNKS)
-    for other in (KVBlend(model=str(tiny_models["mistral"]), store=DirectoryStore(tmp_path / "store")),
-                  KVBlend(model=str(tiny_models["llama"]), dtype="bfloat16", store=DirectoryStore(tmp_path / "store"))):
+    for other in (KVBlend(model=str(tiny_models["mistral"]), store=open_store(str(tmp_path / "store"))),
+                  KVBlend(model=str(tiny_models["llama"]), dtype="bfloat16", store=open_store(str(tmp_path / "store")))):
         pre = other.prefill(CHUNKS, QUESTION, "blend", config=BlendConfig(recompute_ratio=1.0))
         assert (pre.stats.chunk_hits, pre.stats.chunk_misses) == (0, 3)
         full = other.prefill(CHUNKS, QUESTION, "full")

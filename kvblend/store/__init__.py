@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -42,12 +41,7 @@ def open_store(spec: str | StoreConfig | None = None) -> TieredStore:
     return TieredStore(memory, serialized, cfg.codec, cfg.async_writes, LoadingController(cfg.min_recompute_ratio))
 
 
-def DirectoryStore(root: str | Path) -> TieredStore:  # noqa: N802  (the name older callers use)
-    """A CPU tier over a disk directory, with the default caps."""
-    return open_store(StoreConfig(disk_dir=str(root)))
-
-
 __all__ = [
-    "ChunkKV", "DirectoryStore", "DiskStore", "KVStore", "LazyChunk", "LoadingController", "MemoryStore",
+    "ChunkKV", "DiskStore", "KVStore", "LazyChunk", "LoadingController", "MemoryStore",
     "StoreConfig", "TieredStore", "choose_recompute_ratio", "open_store", "reject", "start_prefetch", "with_recompute",
 ]
