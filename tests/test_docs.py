@@ -105,3 +105,38 @@ def test_documents_do_not_narrate_earlier_runs():
     diary = re.compile(r"\bsession \d|\bthis (?:version|session)\b|\bprevious version\b|DESIGN §", re.IGNORECASE)
     hits = [f"{doc.relative_to(ROOT)}: {m.group(0)!r}" for doc in DOCS for m in diary.finditer(doc.read_text(encoding="utf-8"))]
     assert not hits
+
+
+def _readme_defaults(table: str) -> dict[str, str]:
+    """{field: default as written} from the README table whose header starts with `table`."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index(f"| `{table}` |")
+    rows = {}
+    for line in readme[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1].strip("`").strip('"')
+    return rows
+
+
+@pytest.mark.parametrize("model", [KVBlendConfig, BlendConfig, StoreConfig], ids=lambda m: m.__name__)
+def test_the_configuration_reference_states_each_default(model):
+    from pydantic import BaseModel
+
+    from kvblend.config import parse_bytes
+
+    written = _readme_defaults(model.__name__)
+    assert set(written) == set(model.model_fields)
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            expected = f"{type(default).__name__}()"
+        elif isinstance(default, bool):
+            expected = str(default).lower()
+        else:
+            expected = str(default)
+        shown = written[name]
+        if isinstance(default, int) and not isinstance(default, bool):
+            shown = str(parse_bytes(shown))
+        assert shown == expected, f"README gives {model.__name__}.{name} the default {written[name]!r}; the code has {default!r}"
