@@ -22,6 +22,7 @@ import torch
 from kvblend.blend.selection import budget, keep_top, query_attention, rank_scores
 from kvblend.config import BlendConfig
 from kvblend.kernels import (
+    AttentionPlan,
     kv_deviation,
     plan_attention,
     rope_realign,
@@ -85,6 +86,48 @@ class Stopwatch:
         self.totals[stage] += time.perf_counter() - t
 
 
+@dataclass
+class BlendState:
+    """One request's blend: what the prompt fixes, and what each layer carries to the next (the
+    active positions with their hidden states and attention plan, the fused KV so far)."""
+
+    ids: torch.Tensor
+    spans: list[CachedSpan]
+    cfg: BlendConfig
+    checks: dict[int, float]  # check layer → ratio kept there
+    is_cached: torch.Tensor  # [N] bool: the token's KV comes from a span
+    sink: torch.Tensor  # [N] bool: a span's leading tokens, always recomputed
+    cos: torch.Tensor
+    sin: torch.Tensor
+    question_start: int | None
+    kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None
+    watch: Stopwatch
+    group: int  # query heads per KV head
+    generator: torch.Generator
+    active: torch.Tensor = field(init=False)  # positions whose hidden states are carried
+    h: torch.Tensor = field(init=False)  # [active, hidden]
+    plan: AttentionPlan = field(init=False)
+    q_cos: torch.Tensor = field(init=False)
+    q_sin: torch.Tensor = field(init=False)
+    keys: list[torch.Tensor] = field(default_factory=list)  # per finished layer [KV, N, D]
+    values: list[torch.Tensor] = field(default_factory=list)
+    selected: torch.Tensor | None = None  # cached positions recomputed after the last check layer
+
+    @property
+    def n(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def n_cached(self) -> int:
+        return int(self.is_cached.sum())
+
+    def focus(self, active: torch.Tensor) -> None:
+        """Carry `active` on: its attention plan and its queries' rotary tables, built once per set."""
+        self.active = active
+        self.plan = plan_attention(active, self.n, self.group, self.cfg.attention_block, self.cos.dtype)
+        self.q_cos, self.q_sin = self.cos.index_select(0, active), self.sin.index_select(0, active)
+
+
 class BlendExecutor:
     def __init__(self, adapter: LayerwiseModel, config: BlendConfig | None = None):
         self.m = adapter
@@ -109,88 +152,44 @@ class BlendExecutor:
 
         `kv_out` gives each layer's (keys, values) destination [KV, N, D] (e.g. views into a
         hand-off file) in place of fresh buffers."""
-        cfg = self._checked(config or self.config)
-        m, dev = self.m, self.m.device
-        n = ids.numel()
+        s = self._start(ids, spans, question_start, self._checked(config or self.config), profile, kv_out)
+        for i in range(self.m.num_layers):
+            self._layer(s, i)
+        return BlendOutput(s.keys, s.values, self.m.logits(s.h)[-1], s.selected, dict(s.watch.totals))
+
+    def _start(self, ids, spans, question_start, cfg, profile, kv_out) -> BlendState:
+        """Check the request and set up its state: every token active before the first check layer
+        (only the fresh ones when nothing is recomputed)."""
+        m, n = self.m, ids.numel()
+        self._check_length(n)
+        spans = sorted(spans, key=lambda sp: sp.start)
+        is_cached = _cached_mask(spans, n)
+        if kv_out is not None:
+            self._check_destinations(kv_out, n)
+        sink = torch.zeros(n, dtype=torch.bool)
+        for sp in spans:
+            sink[sp.start : sp.start + min(cfg.sink_tokens, sp.kv.num_tokens)] = True
+        cos, sin = m.rope_tables(n)
+        s = BlendState(
+            ids=ids.to(m.device), spans=spans, cfg=cfg, checks=dict(zip(cfg.check_layers, cfg.ratios())),
+            is_cached=is_cached.to(m.device), sink=sink.to(m.device), cos=cos, sin=sin, question_start=question_start,
+            kv_out=kv_out, watch=Stopwatch(profile, m.device), group=m.num_heads // m.num_kv_heads,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        positions = torch.arange(n, device=m.device)
+        reuse_only = not s.checks and cfg.recompute_ratio == 0.0
+        s.focus(positions[~s.is_cached] if reuse_only else positions)
+        s.h = m.embed(s.ids)[s.active]
+        return s
+
+    def _check_length(self, n: int) -> None:
+        m = self.m
         if n == 0:
             raise ValueError("empty prompt")
         if n > m.max_positions:
             raise ValueError(f"prompt of {n} tokens exceeds the model's context of {m.max_positions} positions")
         if m.sliding_window and n > m.sliding_window:
             raise ValueError(f"prompt of {n} tokens exceeds the model's sliding window of {m.sliding_window}")
-        spans = sorted(spans, key=lambda s: s.start)
-        is_cached = torch.zeros(n, dtype=torch.bool)
-        for a, b in zip(spans, spans[1:]):
-            if a.end > b.start:
-                raise ValueError(f"cached spans overlap at positions {b.start}..{a.end - 1}")
-        for s in spans:
-            is_cached[s.start : s.end] = True
-        if spans and (spans[-1].end > n or is_cached[-1]):
-            raise ValueError("the last prompt token must be fresh (end the prompt with the question)")
-        if kv_out is not None:
-            self._check_destinations(kv_out, n)
-        is_cached = is_cached.to(dev)
-        n_cached = int(is_cached.sum())
-        watch = Stopwatch(profile, dev)
-        cos, sin = m.rope_tables(n)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        positions = torch.arange(n, device=dev)
-        sink = torch.zeros(n, dtype=torch.bool, device=dev)
-        for s in spans:
-            sink[s.start : s.start + min(cfg.sink_tokens, s.kv.num_tokens)] = True
-
-        checks = dict(zip(cfg.check_layers, cfg.ratios()))
-        active = positions  # positions whose hidden states are carried
-        if not checks and cfg.recompute_ratio == 0.0:
-            active = positions[~is_cached]
-        group = m.num_heads // m.num_kv_heads
-
-        def plan_for(at: torch.Tensor):
-            """Attention plan and the queries' rotary tables: built once per set of active positions."""
-            return plan_attention(at, n, group, cfg.attention_block, m.dtype), cos.index_select(0, at), sin.index_select(0, at)
-
-        plan, q_cos, q_sin = plan_for(active)
-        h = m.embed(ids.to(dev))[active]
-        keys_out, values_out = [], []
-        for i in range(m.num_layers):
-            with watch("qkv"):
-                q, k, v = m.qkv(i, h)
-            all_active = active.numel() == n
-            out = None if kv_out is None else kv_out[i]
-            if all_active and i not in checks:
-                with watch("rope"):
-                    if out is None:
-                        keys, values = rotate(k, cos[:n], sin[:n]), v
-                    else:
-                        keys, values = rotate_into(k, cos[:n], sin[:n], out[0]), out[1].copy_(v)
-            else:
-                keys, values = self._fused_buffers(i, spans, n, cos, sin, k, cfg.backend, watch, out)
-            keep = None
-            if i in checks:
-                with watch("select"):
-                    keep = self._select(cfg, checks[i], n_cached, active, is_cached, sink, q, k, v, keys, values, question_start, cos, sin, generator)
-            if not all_active or i in checks:
-                with watch("scatter"):
-                    rope_realign(k, cos, sin, active, out=keys, backend=cfg.backend)
-                    scatter_rows(v, values, active, backend=cfg.backend)
-            keys_out.append(keys)
-            values_out.append(values)
-            if keep is not None:
-                q, h, active = q[:, keep], h[keep], active[keep]
-                plan, q_cos, q_sin = plan_for(active)
-            if i == m.num_layers - 1:
-                active_before_last = active
-                h = h[-1:]  # only the last prompt token's output is needed
-                q = q[:, -1:]
-                plan, q_cos, q_sin = plan_for(active[-1:])
-            with watch("attention"):
-                q_rot = rotate(q, q_cos, q_sin)
-                attn = selected_attention(q_rot, keys, values, plan, m.scaling, backend=cfg.backend)
-            with watch("mlp"):
-                h = m.mlp(i, m.attn_out(i, h, attn))
-        logits = m.logits(h)[-1]
-        selected = active_before_last[is_cached[active_before_last]]
-        return BlendOutput(keys_out, values_out, logits, selected, dict(watch.totals))
 
     def _check_destinations(self, kv_out, n):
         m = self.m
@@ -203,27 +202,75 @@ class BlendExecutor:
                     raise ValueError(f"kv_out layer {i}: {tuple(t.shape)} {t.dtype} on {t.device}, "
                                      f"expected {want} {m.dtype} on {m.device}")
 
-    def _fused_buffers(self, i, spans, n, cos, sin, k_fresh, backend, watch, out=None):
+    def _layer(self, s: BlendState, i: int) -> None:
+        """Layer i: Q/K/V of the active tokens, the fused KV, a selection at a check layer, then
+        attention and MLP for the tokens kept (only the last prompt token at the last layer)."""
+        m, watch, backend = self.m, s.watch, s.cfg.backend
+        with watch("qkv"):
+            q, k, v = m.qkv(i, s.h)
+        all_active = s.active.numel() == s.n
+        keys, values = self._layer_kv(s, i, k, v, fused=not all_active or i in s.checks)
+        keep = None
+        if i in s.checks:
+            with watch("select"):
+                keep = self._select(s, s.checks[i], q, k, v, keys, values)
+        if not all_active or i in s.checks:
+            with watch("scatter"):
+                rope_realign(k, s.cos, s.sin, s.active, out=keys, backend=backend)
+                scatter_rows(v, values, s.active, backend=backend)
+        s.keys.append(keys)
+        s.values.append(values)
+        if keep is not None:
+            q, s.h = q[:, keep], s.h[keep]
+            s.focus(s.active[keep])
+        if i == m.num_layers - 1:
+            q = self._last_token_only(s, q)
+        with watch("attention"):
+            attn = selected_attention(rotate(q, s.q_cos, s.q_sin), keys, values, s.plan, m.scaling, backend=backend)
+        with watch("mlp"):
+            s.h = m.mlp(i, m.attn_out(i, s.h, attn))
+
+    def _layer_kv(self, s: BlendState, i: int, k: torch.Tensor, v: torch.Tensor, fused: bool):
+        """Layer i's (keys, values) [KV, N, D]: the cached rows realigned when `fused` (fresh rows
+        are scattered after), else every row fresh, rotated straight into place."""
+        out = None if s.kv_out is None else s.kv_out[i]
+        if fused:
+            return self._fused_buffers(s, i, k, out)
+        with s.watch("rope"):
+            if out is None:
+                return rotate(k, s.cos, s.sin), v
+            return rotate_into(k, s.cos, s.sin, out[0]), out[1].copy_(v)
+
+    def _last_token_only(self, s: BlendState, q: torch.Tensor) -> torch.Tensor:
+        """Record which cached tokens were recomputed and keep only the last prompt token (its
+        output alone is needed); returns its queries."""
+        s.selected = s.active[s.is_cached[s.active]]
+        s.h = s.h[-1:]
+        s.focus(s.active[-1:])
+        return q[:, -1:]
+
+    def _fused_buffers(self, s: BlendState, i: int, k_fresh: torch.Tensor, out=None):
         """Layer i's buffers (`out` or fresh) with every cached row realigned (fresh rows are scattered after)."""
         if out is None:
             kv_heads, d = k_fresh.shape[0], k_fresh.shape[2]
-            keys = torch.empty((kv_heads, n, d), dtype=k_fresh.dtype, device=k_fresh.device)
+            keys = torch.empty((kv_heads, s.n, d), dtype=k_fresh.dtype, device=k_fresh.device)
             values = torch.empty_like(keys)
         else:
             keys, values = out
-        for s in spans:
-            with watch("load"):
-                ck, cv = s.kv.layer(i)
+        for sp in s.spans:
+            with s.watch("load"):
+                ck, cv = sp.kv.layer(i)
                 ck = ck.to(keys.device, keys.dtype, non_blocking=True)
                 cv = cv.to(keys.device, keys.dtype, non_blocking=True)
-            with watch("realign"):
-                rope_realign_span(ck, cos, sin, s.start, out=keys, backend=backend)
-                values[:, s.start : s.end] = cv
+            with s.watch("realign"):
+                rope_realign_span(ck, s.cos, s.sin, sp.start, out=keys, backend=s.cfg.backend)
+                values[:, sp.start : sp.end] = cv
         return keys, values
 
-    def _select(self, cfg, ratio, n_cached, active, is_cached, sink, q, k, v, keys, values, question_start, cos, sin, generator):
-        """Indices into `active` kept after this check layer: all fresh tokens + the best cached."""
-        cand = is_cached[active].nonzero().squeeze(1)  # indices into active
+    def _select(self, s: BlendState, ratio, q, k, v, keys, values) -> torch.Tensor:
+        """Indices into `s.active` kept after this check layer: all fresh tokens + the best cached."""
+        cfg, active, cos, sin = s.cfg, s.active, s.cos, s.sin
+        cand = s.is_cached[active].nonzero().squeeze(1)  # indices into active
         pos = active[cand]
         if cfg.deviation == "v":
             dev = kv_deviation(v[:, cand], values[:, pos], backend=cfg.backend)
@@ -234,14 +281,28 @@ class BlendExecutor:
                 dv = kv_deviation(v[:, cand], values[:, pos], backend=cfg.backend)
                 dev = dev / dev.mean().clamp_min(1e-12) + dv / dv.mean().clamp_min(1e-12)
         attention = None
-        if cfg.selection == "query" and question_start is not None:
-            qmask = active >= question_start
+        if cfg.selection == "query" and s.question_start is not None:
+            qmask = active >= s.question_start
             q_pos = active[qmask]
             q_rot = rotate(q[:, qmask], cos.index_select(0, q_pos), sin.index_select(0, q_pos))
             fused_k = keys.clone()
             rope_realign(k, cos, sin, active, out=fused_k, backend=cfg.backend)
             attention = query_attention(q_rot, fused_k, q_pos, self.m.scaling)[pos]
-        scores = rank_scores(cfg, dev.cpu(), None if attention is None else attention.cpu(), generator)
-        kept = keep_top(scores, sink[pos].cpu(), budget(ratio, n_cached)).to(cand.device)
-        keep = torch.cat([(~is_cached[active]).nonzero().squeeze(1), cand[kept]])
+        scores = rank_scores(cfg, dev.cpu(), None if attention is None else attention.cpu(), s.generator)
+        kept = keep_top(scores, s.sink[pos].cpu(), budget(ratio, s.n_cached)).to(cand.device)
+        keep = torch.cat([(~s.is_cached[active]).nonzero().squeeze(1), cand[kept]])
         return keep.sort().values
+
+
+def _cached_mask(spans: list[CachedSpan], n: int) -> torch.Tensor:
+    """[N] bool of the positions spans (sorted by start) cover; they must not overlap, and the
+    last prompt token must be fresh."""
+    for a, b in zip(spans, spans[1:]):
+        if a.end > b.start:
+            raise ValueError(f"cached spans overlap at positions {b.start}..{a.end - 1}")
+    is_cached = torch.zeros(n, dtype=torch.bool)
+    for sp in spans:
+        is_cached[sp.start : sp.end] = True
+    if spans and (spans[-1].end > n or is_cached[-1]):
+        raise ValueError("the last prompt token must be fresh (end the prompt with the question)")
+    return is_cached
