@@ -1,7 +1,7 @@
 """The blend's invariants (docs/design.md, section 6) on tiny random-weight models of every supported architecture."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
 from kvblend import BlendConfig, KVBlend
 from kvblend.engines.hf import Sampling, decode
