@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,triton,redis,langchain,llamaindex,index,corpus,embed
+EXTRAS ?= dev,triton,redis,langchain,llamaindex,index,corpus,embed,ray
 
 .PHONY: setup setup-vllm demo test clean
 
