@@ -28,7 +28,10 @@ PREFIX = "kvblend:obj:"
 
 
 class RemoteUnavailable(ConnectionError):
-    """A write the remote tier did not take: the server is down, or was a moment ago."""
+    """A write the remote tier did not take: the server is down, or was a moment ago (the tier has
+    logged the outage itself, once)."""
+
+    logged = True
 
 
 class RedisReader:

@@ -94,9 +94,9 @@ def write_each(key: str, kv: ChunkKV, tiers: list[WritableTier], failing: set[st
         except Exception as exc:  # a cache tier failing must not lose the other tiers' copy
             failures[tier.name] = str(exc) or type(exc).__name__
             tier.stats.add(errors=1)
-            if tier.name not in failing:
+            if tier.name not in failing and not getattr(exc, "logged", False):  # a tier may have said so itself
                 log.warning("write of %s to the %s tier failed: %s", key, tier.name, exc)
-                failing.add(tier.name)
+            failing.add(tier.name)
         else:
             failing.discard(tier.name)
     return failures
