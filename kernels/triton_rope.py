@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvblend.kernels.rope_realign import check_rope_table
+from kvblend.kernels.rope_table import check_rope_table
 
 BLOCK_TOKENS = 32  # tokens per program; each program walks every KV head, loading cos/sin once
 
