@@ -131,7 +131,7 @@ def test_redis_killed_mid_precompute_records_only_what_it_acknowledged(tiny_mode
     docs = write_docs(tmp_path / "docs", 20, lines=40)
     corpus = tmp_path / "corpus"
     cmd = [*CLI, "precompute", str(docs), "--store", server.url, "--corpus", str(corpus), "--model", str(tiny_models["llama"]),
-           "--chunk-tokens", "512", "--threads", "1"]
+           "--chunk-tokens", "512", "--threads", "1", "--codec", "raw"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
     try:
         deadline = time.monotonic() + 120
@@ -243,7 +243,8 @@ def test_full_disk_fails_loudly_records_what_landed_and_the_rerun_completes(tiny
     disk = small_disk("small", 3 * 2**20)
     store = disk.folder / "store"
     docs = write_docs(tmp_path / "docs", 6, lines=10)
-    args = ["precompute", str(docs), "--store", str(store), "--model", str(tiny_models["llama"]), "--chunk-tokens", "512"]
+    args = ["precompute", str(docs), "--store", str(store), "--model", str(tiny_models["llama"]), "--chunk-tokens", "512",
+            "--codec", "raw"]  # objects of a known size: the disk fills part way
     res = runner.invoke(app, args)
     out = text(res.output)
     assert res.exit_code == 1, res.output
