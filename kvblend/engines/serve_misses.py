@@ -1,8 +1,10 @@
 """`kvblend serve`'s background work, kept behind the requests it serves.
 
 The model and the blend executor are shared, so one lock guards them. `BlendLock` gives requests
-priority: background work takes the lock only while no request is waiting, and a request waits at
-most for the background step in progress. `MissEncoder` encodes the chunks requests missed, one
+priority: background work takes the lock only while no request is waiting for it, and a request
+waits at most for the background step in progress. While requests are in flight (arrived, not yet
+answered: vLLM decodes them on the same cores), background steps are also deferred, by up to
+`defer_s` each, so they slow answers down as little as they can without starving. `MissEncoder` encodes the chunks requests missed, one
 chunk per step on a thread of its own, from a bounded queue: when it is full, further misses are
 dropped (the next request that misses them queues them again), so a burst of new chunks can
 neither hold up later requests nor grow memory without bound.
@@ -22,20 +24,37 @@ log = logging.getLogger(__name__)
 class BlendLock:
     """A lock whose urgent holders (requests) go before background ones."""
 
-    def __init__(self):
+    def __init__(self, defer_s: float = 2.0):
+        self.defer_s = defer_s
         self._cond = threading.Condition()
         self._held = False
         self._urgent_waiting = 0
+        self._in_flight = 0
+
+    def arrive(self) -> None:
+        """A request arrived: background steps wait (up to defer_s each) until it has been answered."""
+        with self._cond:
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        """The request that arrived has been answered (or failed)."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
 
     def acquire(self, urgent: bool) -> float:
         """Take the lock; returns the seconds spent waiting for it."""
         t0 = time.perf_counter()
+        deadline = time.monotonic() + self.defer_s
         with self._cond:
             if urgent:
                 self._urgent_waiting += 1
             try:
-                while self._held or (not urgent and self._urgent_waiting):
-                    self._cond.wait()
+                while True:
+                    deferring = not urgent and self._in_flight and time.monotonic() < deadline
+                    if not (self._held or (not urgent and self._urgent_waiting) or deferring):
+                        break
+                    self._cond.wait(timeout=max(0.0, deadline - time.monotonic()) if deferring else None)
                 self._held = True
             finally:
                 if urgent:

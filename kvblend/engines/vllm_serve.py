@@ -139,10 +139,15 @@ class KVBlendMiddleware:
         if not isinstance(body, dict) or "kvblend" not in body or not self._authorized(scope):
             return await self.app(scope, _receive_body(raw, receive), send)  # vLLM answers (and authenticates) as usual
         arrived = time.perf_counter()
+        self._lock.arrive()  # background encoding defers to it until it is answered
         try:
             body, prepared, chunks = await asyncio.to_thread(self._rewrite, scope, body, arrived)
         except BadRequest as exc:
+            self._lock.leave()
             return await _send_error(send, 400, str(exc))
+        except BaseException:
+            self._lock.leave()
+            raise
         queued = self._misses.pending() if self._misses is not None else 0
         new_raw = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
@@ -156,6 +161,7 @@ class KVBlendMiddleware:
         try:
             await self.app(scope, _receive_body(new_raw, receive), send_with_stats)
         finally:
+            self._lock.leave()
             if prepared.handoff_key:
                 self.handoff.remove(prepared.handoff_key)
             if self._misses is not None and prepared.stats.chunk_misses:
