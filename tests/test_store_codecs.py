@@ -17,7 +17,7 @@ needs_redis = pytest.mark.skipif(not REDIS_URL, reason="KVBLEND_TEST_REDIS_URL i
 def make_kv(seed: int = 0) -> ChunkKV:
     g = torch.Generator().manual_seed(seed)
     key = uuid.uuid4().hex + uuid.uuid4().hex  # unique per run: the test server may be shared
-    return ChunkKV(key, "model-a", torch.randn((3, 2, 24, 64), generator=g), torch.randn((3, 2, 24, 64), generator=g))
+    return ChunkKV(key, "model-a", torch.randn((3, 2, 64, 64), generator=g), torch.randn((3, 2, 64, 64), generator=g))
 
 
 def instance(codec: str, **where) -> "object":
@@ -66,10 +66,22 @@ def test_int4_round_trip_error_and_size(dtype):
     assert 0 < err < 0.12  # 4 bits with a scale per 32 values: ~8% relative error on Gaussian data
     heads, tokens, dim = kv.layer_shape
     per_value = CODECS["int4"].layer_nbytes(kv.layer_shape, dtype) / (2 * heads * tokens * dim)
-    assert per_value == pytest.approx(0.5 + 2 / 32)  # a nibble, and one fp16 scale per group of 32
+    assert per_value == pytest.approx(0.5 + 2 / 32)  # a nibble, and one fp16 scale per group of 32 (64 tokens: whole groups)
 
 
 def test_int4_handles_odd_head_dims_and_zeros():
     kv = ChunkKV("ab" * 32, "m", torch.zeros((1, 1, 5, 40)), torch.randn((1, 1, 5, 40)))
     back = roundtrip(kv, "int4")
     assert torch.equal(back.keys, kv.keys) and (back.values - kv.values).abs().max() < 0.5
+
+
+def test_int4_keys_are_grouped_per_channel():
+    """An outlier channel (as keys have) costs the other channels nothing: each channel has its own scales."""
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn((2, 40, 64), generator=g)
+    k[:, :, 5] *= 50
+    kv = ChunkKV("cd" * 32, "m", k[None], torch.randn((1, 2, 40, 64), generator=g))
+    back = roundtrip(kv, "int4").keys[0]
+    others = [c for c in range(64) if c != 5]
+    err = ((back[..., others] - k[..., others]).norm() / k[..., others].norm()).item()
+    assert err < 0.15

@@ -16,11 +16,13 @@ from kvblend.store.format import DTYPES
 
 def kv_bytes_per_token(config, dtype: str, codec: str = "raw") -> int:
     """Stored KV bytes per token, from a Hugging Face model config: raw is 2 (K and V) · layers ·
-    kv_heads · head_dim · dtype bytes; fp8 / int8 take a byte a value plus per-token scales."""
+    kv_heads · head_dim · dtype bytes; fp8 / int8 take a byte a value plus per-token scales; int4
+    half a byte plus a float16 scale per 32 values (keys' scales span 32 tokens: sized over 1024)."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return config.num_hidden_layers * get_codec(codec).layer_nbytes((kv_heads, 1, head_dim), DTYPES[dtype])
+    tokens = 1024
+    return config.num_hidden_layers * get_codec(codec).layer_nbytes((kv_heads, tokens, head_dim), DTYPES[dtype]) // tokens
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 A layer blob is the concatenation of the codec's parts. The 8-bit codecs keep one float32
 scale per (head, token) — the row's max magnitude over head_dim mapped to the code's range —
-so an outlier token does not flatten its neighbours; int4 keeps one float16 scale per group of
-32 values within the row. Sizes and quality costs: docs/benchmarks.md (Codecs). Each object's
+so an outlier token does not flatten its neighbours; int4 keeps one float16 scale per 32 values
+(keys per channel, values per token). Sizes and quality costs: docs/benchmarks.md (Codecs). Each object's
 header names its codec: a tier opened from a StoreConfig serves only objects in the configured
 codec (format.CodecMismatch says why); maintenance (ls, verify, recode) decodes any.
 """
@@ -72,14 +72,17 @@ class PerTokenCodec:
 
 
 class GroupInt4Codec:
-    """4-bit codes with one float16 scale per group of `group` values along head_dim:
-    [K nibbles | K scales | V nibbles | V scales].
+    """4-bit codes with one float16 scale per `group` values, keys per channel and values per token
+    (as KIVI does): [K nibbles | K scales | V nibbles | V scales].
 
-    Codes are round(x / scale) in [-7, 7] with scale = the group's max magnitude / 7, stored as
-    code + 8, two per byte (even index in the low nibble). A group is smaller than a row so a few
-    outlier channels (common in keys) coarsen 32 values, not the whole head. A head_dim that is not
-    a multiple of `group` is padded with zeros to one. Scales are rounded to float16 before the
-    codes are computed, so the codes fit the scales a reader will use.
+    Keys have outlier channels: grouped along a row, one outlier coarsens its 31 neighbours; grouped
+    along tokens within a channel, each channel gets its own scale (half the keys' error measured on
+    the default model). Values have no such channels and are grouped along head_dim. Codes are
+    round(x / scale) in [-7, 7], scale = the group's max magnitude / 7 rounded to float16 first
+    (so codes fit the scales a reader uses), stored as code + 8, two per byte (even index low).
+    Keys: codes in [head, channel, token] order, scales per (head, channel, group of tokens; the
+    last group may be short). Values: rows padded with zeros to a whole number of groups; a row
+    shorter than `group` is one group. Sizes and quality: docs/benchmarks.md (Codecs).
     """
 
     name = "int4"
@@ -89,43 +92,82 @@ class GroupInt4Codec:
             raise ValueError(f"int4 groups hold pairs of nibbles: group {group} must be even")
         self.group = group
 
-    def _groups(self, dim: int) -> int:
-        return -(-dim // self.group)
+    def _row_group(self, dim: int) -> int:
+        return min(self.group, dim + dim % 2)
+
+    def _key_nbytes(self, shape: Shape) -> tuple[int, int]:
+        heads, tokens, dim = shape
+        return -(-heads * dim * tokens // 2), heads * dim * -(-tokens // self.group) * 2
+
+    def _value_nbytes(self, shape: Shape) -> tuple[int, int]:
+        heads, tokens, dim = shape
+        group = self._row_group(dim)
+        groups = heads * tokens * -(-dim // group)
+        return groups * group // 2, groups * 2
 
     def layer_nbytes(self, shape: Shape, dtype: torch.dtype) -> int:
-        heads, tokens, dim = shape
-        groups = heads * tokens * self._groups(dim)
-        return 2 * (groups * self.group // 2 + groups * 2)
+        return sum(self._key_nbytes(shape)) + sum(self._value_nbytes(shape))
 
-    def _quantize(self, x: torch.Tensor) -> list[torch.Tensor]:
-        heads, tokens, dim = x.shape
-        groups = self._groups(dim)
-        x = x.detach().to("cpu", torch.float32)
-        if groups * self.group != dim:
-            x = torch.nn.functional.pad(x, (0, groups * self.group - dim))
-        x = x.reshape(heads, tokens, groups, self.group)
+    @staticmethod
+    def _codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., groups, group] → (uint8 codes + 8 of the same shape, float16 scales [..., groups, 1])."""
         scale = (x.abs().amax(dim=-1, keepdim=True) / 7.0).to(torch.float16)
         safe = scale.float().masked_fill(scale == 0, 1.0)
-        codes = (x / safe).round_().clamp_(-7, 7).add_(8).to(torch.uint8).reshape(-1, 2)
-        packed = codes[:, 0] | (codes[:, 1] << 4)
-        return [packed, as_bytes(scale)]
+        return (x / safe).round_().clamp_(-7, 7).add_(8).to(torch.uint8), scale
+
+    @staticmethod
+    def _pack(codes: torch.Tensor) -> torch.Tensor:
+        flat = codes.reshape(-1)
+        if flat.numel() % 2:
+            flat = torch.cat([flat, flat.new_full((1,), 8)])
+        pairs = flat.view(-1, 2)
+        return pairs[:, 0] | (pairs[:, 1] << 4)
+
+    @staticmethod
+    def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(-1)[:n].to(torch.float32) - 8.0
+
+    def _encode_keys(self, k: torch.Tensor) -> list[torch.Tensor]:
+        heads, tokens, dim = k.shape
+        x = k.detach().to("cpu", torch.float32).transpose(1, 2)  # [heads, dim, tokens]
+        pad = -tokens % self.group
+        x = torch.nn.functional.pad(x, (0, pad)).reshape(heads, dim, -1, self.group)
+        codes, scale = self._codes(x)
+        codes = codes.reshape(heads, dim, tokens + pad)[..., :tokens]
+        return [self._pack(codes), as_bytes(scale)]
+
+    def _encode_values(self, v: torch.Tensor) -> list[torch.Tensor]:
+        heads, tokens, dim = v.shape
+        group = self._row_group(dim)
+        x = v.detach().to("cpu", torch.float32)
+        x = torch.nn.functional.pad(x, (0, -dim % group)).reshape(heads, tokens, -1, group)
+        codes, scale = self._codes(x)
+        return [self._pack(codes), as_bytes(scale)]
 
     def encode(self, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
-        return self._quantize(k) + self._quantize(v)
+        return self._encode_keys(k) + self._encode_values(v)
 
-    def _dequantize(self, part: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+    def _decode_keys(self, part: torch.Tensor, shape: Shape) -> torch.Tensor:
         heads, tokens, dim = shape
-        groups = self._groups(dim)
-        n_codes = heads * tokens * groups * self.group // 2
-        packed = part[:n_codes]
-        codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).view(heads, tokens, groups, self.group)
-        scale = part[n_codes:].view(torch.float16).view(heads, tokens, groups, 1)
-        x = (codes.to(torch.float32) - 8.0) * scale.to(torch.float32)
-        return x.view(heads, tokens, groups * self.group)[..., :dim].to(dtype).contiguous()
+        n_codes, _ = self._key_nbytes(shape)
+        codes = self._unpack(part[:n_codes], heads * dim * tokens).view(heads, dim, tokens)
+        scale = part[n_codes:].view(torch.float16).view(heads, dim, -1).to(torch.float32)
+        scale = scale.repeat_interleave(self.group, dim=-1)[..., :tokens]
+        return (codes * scale).transpose(1, 2)
+
+    def _decode_values(self, part: torch.Tensor, shape: Shape) -> torch.Tensor:
+        heads, tokens, dim = shape
+        group = self._row_group(dim)
+        n_codes, _ = self._value_nbytes(shape)
+        codes = self._unpack(part[:n_codes], n_codes * 2).view(heads, tokens, -1, group)
+        scale = part[n_codes:].view(torch.float16).view(heads, tokens, -1, 1).to(torch.float32)
+        return (codes * scale).view(heads, tokens, -1)[..., :dim]
 
     def decode(self, blob: torch.Tensor, shape: Shape, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        half = blob.numel() // 2
-        return self._dequantize(blob[:half], shape, dtype), self._dequantize(blob[half:], shape, dtype)
+        k_bytes = sum(self._key_nbytes(shape))
+        k = self._decode_keys(blob[:k_bytes], shape)
+        v = self._decode_values(blob[k_bytes:], shape)
+        return k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
 
 Codec = RawCodec | PerTokenCodec | GroupInt4Codec
