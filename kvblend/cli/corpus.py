@@ -101,6 +101,9 @@ def precompute(
     console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
                   f"KV {per_token:,} B/token ({dtype}, {spec.codec}) → store needs {decimal(per_token * total_tokens)}")
     if dry_run:
+        from kvblend.cli.estimate import print_estimate
+
+        print_estimate(config, planned, spec.codec, model, device, dtype, threads, workers if ray else 1)
         return
     if not (spec.disk_dir or spec.remote_url):
         raise _fail(f"store {store!r} has no disk or remote tier: the chunks would be gone when this command ends")
