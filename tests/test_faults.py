@@ -346,7 +346,7 @@ def test_a_second_run_adds_to_the_index(tiny_models, tmp_path):
     assert index.search(Embedder(index.embedder), early.text, 1)[0].record.key == early.key  # earlier documents still found
 
 
-def test_concurrent_precomputes_one_waits_its_turn_and_the_index_covers_both(tiny_models, tmp_path):
+def test_concurrent_precomputes_one_is_refused_naming_the_holder_and_the_index_covers_both(tiny_models, tmp_path):
     store = tmp_path / "store"
     shared = write_docs(tmp_path / "a", 20, lines=20)
     other = write_docs(tmp_path / "b", 20, lines=20, tag="other")
