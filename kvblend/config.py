@@ -101,6 +101,7 @@ def parse_bytes(value: Any) -> Any:
 
 ByteSize = Annotated[int, Field(ge=0)]
 REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "valkey://")  # what a remote tier's URL may start with
+PERSISTENT_CODEC = "int8"  # the default codec of disk and remote tiers (StoreConfig; why: docs/benchmarks.md, Codecs)
 
 
 class StoreConfig(BaseModel):
@@ -110,7 +111,10 @@ class StoreConfig(BaseModel):
     directory, a shared Redis/Valkey (`redis://host:port/db`). Unset fields come from
     `KVBLEND_<FIELD>` environment variables (`KVBLEND_CPU_BYTES=2GiB`, `KVBLEND_DISK_DIR=...`).
     Serialized tiers (disk, remote) hold objects in `codec`; memory tiers hold them as decoded,
-    so every tier serves the same values. The remote tier's cap is the server's `maxmemory`.
+    so every tier serves the same values. Left unset, `codec` is PERSISTENT_CODEC when a disk or
+    remote tier is configured (compact objects, quality cost within noise: docs/benchmarks.md,
+    Codecs) and raw for memory alone (nothing to save). A tier serves only objects in the
+    configured codec. The remote tier's cap is the server's `maxmemory`.
     """
 
     model_config = {"extra": "forbid"}
@@ -135,6 +139,12 @@ class StoreConfig(BaseModel):
             return data
         env = {name: os.environ[f"KVBLEND_{name.upper()}"] for name in cls.model_fields if f"KVBLEND_{name.upper()}" in os.environ}
         return {**env, **data}
+
+    @model_validator(mode="after")
+    def _persistent_codec(self) -> "StoreConfig":
+        if "codec" not in self.model_fields_set and (self.disk_dir or self.remote_url):
+            self.codec = PERSISTENT_CODEC
+        return self
 
     @field_validator("gpu_bytes", "cpu_bytes", "disk_bytes", mode="before")
     @classmethod

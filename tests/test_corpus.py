@@ -120,7 +120,7 @@ def test_precompute_stores_indexes_resumes_and_answers(tiny_models, corpus, tmp_
 
 def test_dry_run_prints_the_store_size_and_encodes_nothing(tiny_models, corpus, tmp_path):
     store = tmp_path / "store"
-    res = precompute(corpus, store, tiny_models["llama"], "--dry-run")
+    res = precompute(corpus, store, tiny_models["llama"], "--dry-run", "--codec", "raw")
     assert res.exit_code == 0, res.output
     assert "1,024 B/token (float32, raw)" in text(res)  # 2 · 4 layers · 2 kv heads · 16 head dims · 4 bytes
     res = precompute(corpus, store, tiny_models["llama"], "--dry-run", "--codec", "int8")

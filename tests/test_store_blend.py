@@ -27,7 +27,7 @@ def kb(tiny_models):
 def disk_kb(kb, tmp_path):
     """kb over a disk-only store holding CHUNKS (no memory tier: every hit is read from disk)."""
     original = kb.store
-    kb.store = open_store(StoreConfig(disk_dir=str(tmp_path), cpu_bytes=0))
+    kb.store = open_store(StoreConfig(disk_dir=str(tmp_path), cpu_bytes=0, codec="raw"))
     kb.precompute(CHUNKS)
     kb.store.flush()
     yield kb

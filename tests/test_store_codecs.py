@@ -85,3 +85,16 @@ def test_int4_keys_are_grouped_per_channel():
     others = [c for c in range(64) if c != 5]
     err = ((back[..., others] - k[..., others]).norm() / k[..., others].norm()).item()
     assert err < 0.15
+
+
+def test_persistent_tiers_default_to_a_compact_codec(monkeypatch):
+    from kvblend.config import PERSISTENT_CODEC
+
+    monkeypatch.delenv("KVBLEND_CODEC", raising=False)
+    assert PERSISTENT_CODEC != "raw"
+    assert StoreConfig().codec == "raw"  # memory alone: nothing to save, no quantization
+    assert StoreConfig(disk_dir="/tmp/kv").codec == PERSISTENT_CODEC
+    assert StoreConfig.from_spec("redis://127.0.0.1:6379/0").codec == PERSISTENT_CODEC
+    assert StoreConfig(disk_dir="/tmp/kv", codec="raw").codec == "raw"  # raw stays available
+    monkeypatch.setenv("KVBLEND_CODEC", "fp8")
+    assert StoreConfig(disk_dir="/tmp/kv").codec == "fp8"

@@ -58,7 +58,7 @@ class GatedDisk(DiskStore):
 
 
 def test_writes_go_behind_and_stay_visible_until_flushed(tmp_path):
-    store = open_store(StoreConfig(disk_dir=str(tmp_path), cpu_bytes=0))
+    store = open_store(StoreConfig(disk_dir=str(tmp_path), cpu_bytes=0, codec="raw"))
     disk = GatedDisk(tmp_path)
     store.serialized[0] = store.tiers[0] = disk
     kv = make_kv(0)
@@ -89,9 +89,9 @@ for i in range(3):
 
 def test_lower_tier_hit_is_promoted_and_counted(tmp_path):
     kv = make_kv(1)
-    with open_store(StoreConfig(disk_dir=str(tmp_path))) as writer:
+    with open_store(StoreConfig(disk_dir=str(tmp_path), codec="raw")) as writer:
         writer.put(kv.key, kv)
-    store = open_store(StoreConfig(disk_dir=str(tmp_path)))
+    store = open_store(StoreConfig(disk_dir=str(tmp_path), codec="raw"))
     cpu, disk = store.tiers
     got = store.get(kv.key)
     assert isinstance(got, LazyChunk) and not cpu.contains(kv.key)
