@@ -29,7 +29,8 @@ from typing import Any
 from kvblend.config import BlendConfig, KVBlendConfig
 from kvblend.engines.vllm import Prepared, prepare
 from kvblend.engines.serve_misses import BlendLock, MissEncoder
-from kvblend.engines.vllm_handoff import PARAM, HandoffDir
+from kvblend.engines.vllm_handoff import PARAM, HandoffDir, blend_salt
+from kvblend.results import PREFILL_METHODS
 
 log = logging.getLogger(__name__)
 SETTINGS_ENV = "KVBLEND_SERVE_CONFIG"  # JSON: {"kvblend": KVBlendConfig fields, "handoff_dir": ..., "precompute_misses": bool}
@@ -185,8 +186,8 @@ class KVBlendMiddleware:
         if not (isinstance(chunks, list) and chunks and all(isinstance(c, str) and c.strip() for c in chunks)):
             raise BadRequest("kvblend.chunks must be a non-empty list of non-empty strings")
         method = spec.get("method", "blend")
-        if method not in ("blend", "full", "reuse"):
-            raise BadRequest(f"kvblend.method must be blend, full or reuse, not {method!r}")
+        if method not in PREFILL_METHODS:
+            raise BadRequest(f"kvblend.method must be one of {', '.join(PREFILL_METHODS)}, not {method!r}")
         question = _question(body, chat)
         config = _blend_config(self.kb.config.blend, spec)
         max_model_len = scope["app"].state.vllm_config.model_config.max_model_len
@@ -200,6 +201,7 @@ class KVBlendMiddleware:
         params = dict(body.get("kv_transfer_params") or {})
         if prepared.handoff_key:
             params[PARAM] = prepared.handoff_key
+            body["cache_salt"] = blend_salt(prepared.handoff_key)  # blended blocks stay out of exact requests' prefix cache
         if chat:
             params["prompt_token_ids"] = prepared.ids  # vLLM takes these instead of templating the messages
         else:
