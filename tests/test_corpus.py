@@ -189,3 +189,29 @@ def test_precompute_resumes_after_kill_9(tiny_models, tmp_path):
     assert skipped >= kept - 2  # at most the writes still queued when the kill came are encoded again
     kv = open_store(str(store))
     assert all(kv.contains(r["key"]) for r in lines)
+
+
+def test_index_uses_given_vectors_and_embeds_only_the_rest():
+    """Ray actors embed while they encode: the driver's index takes their vectors, embedding only the others."""
+    import numpy as np
+
+    from kvblend.corpus import ChunkIndex
+
+    class CountingEmbedder:
+        name, dim = "counting", 4
+
+        def __init__(self):
+            self.embedded: list[str] = []
+
+        def embed(self, texts, batch_size=32):
+            self.embedded += texts
+            return np.stack([np.eye(4, dtype=np.float32)[len(t) % 4] for t in texts])
+
+    records = [ChunkRecord(id=f"c{i}", source="s", start=0, end=1, key=f"k{i}", tokens=3, text="x" * i) for i in range(4)]
+    emb = CountingEmbedder()
+    given = {"k0": np.array([0, 0, 0, 1], dtype=np.float32), "k2": np.array([0, 1, 0, 0], dtype=np.float32)}
+    built = ChunkIndex([], __import__("faiss").IndexFlatIP(4), "counting").cover(records, emb, vectors=given)
+    assert sorted(emb.embedded) == ["x", "xxx"]  # only the chunks with no given vector
+    assert {r.key for r in built.records} == {"k0", "k1", "k2", "k3"}
+    row = [r.key for r in built.records].index("k0")
+    assert built.faiss_index.reconstruct(row).tolist() == [0, 0, 0, 1]

@@ -115,7 +115,7 @@ def precompute(
         raise _fail(exc)
     try:
         if ray:
-            report = _encode_on_ray(ray, workers, threads, model, spec, device, dtype, planned, folder, per_token)
+            report = _encode_on_ray(ray, workers, threads, model, spec, device, dtype, planned, folder, per_token, embedder, index)
         else:
             with make_kvblend(model, spec, device, dtype, threads=threads) as kb:
                 try:
@@ -124,7 +124,7 @@ def precompute(
                     raise _fail(exc)
                 report = _encode(lambda manifest, advance: store_chunks(kb, planned, manifest, on_chunk=advance), planned, folder, per_token)
         # the store is closed: every write has landed or failed
-        indexed = _index(embedder, folder) if index else True
+        indexed = _index(embedder, folder, report.vectors if report is not None else None) if index else True
     finally:
         lock.release()
     if report is not None and report.failed:
@@ -139,8 +139,9 @@ def precompute(
 
 
 def _encode_on_ray(address: str, workers: int, threads: int | None, model: str, spec, device: str, dtype: str,
-                   planned, folder, per_token: int):
-    """`_encode` on a Ray actor pool: each actor loads the model; this process only plans and records."""
+                   planned, folder, per_token: int, embedder: str | None, index: bool):
+    """`_encode` on a Ray actor pool: each actor loads the model (and the embedder when indexing);
+    this process only plans, records and builds the index from the actors' vectors."""
     from kvblend.config import KVBlendConfig
     from kvblend.corpus import CorpusError
     from kvblend.corpus.distributed import RaySettings, store_chunks_on_ray
@@ -155,8 +156,8 @@ def _encode_on_ray(address: str, workers: int, threads: int | None, model: str, 
             raise _fail(exc)
 
     try:
-        return _encode(lambda manifest, advance: store_chunks_on_ray(config, planned, manifest, settings, claim, advance),
-                       planned, folder, per_token)
+        return _encode(lambda manifest, advance: store_chunks_on_ray(config, planned, manifest, settings, claim, advance,
+                                                                     embedder, index), planned, folder, per_token)
     except ImportError as exc:
         raise _fail(exc)
 
@@ -191,8 +192,9 @@ def _encode(run, planned, folder, per_token: int):
     return report
 
 
-def _index(embedder: str | None, folder) -> bool:
-    """Make the saved index cover every chunk the manifest records (this run's and earlier ones'); False if it could not be saved."""
+def _index(embedder: str | None, folder, vectors: dict | None = None) -> bool:
+    """Make the saved index cover every chunk the manifest records (this run's and earlier ones'), using
+    `vectors` (key → embedding) where this run computed them already; False if it could not be saved."""
     from kvblend.corpus import ChunkIndex, Embedder
 
     records = list(folder.manifest().records.values())
@@ -214,7 +216,7 @@ def _index(embedder: str | None, folder) -> bool:
     with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                   TimeRemainingColumn(), console=console) as progress:
         task = progress.add_task("embedding", total=len(todo))
-        built = current.cover(records, emb, on_batch=lambda n: progress.advance(task, n))
+        built = current.cover(records, emb, on_batch=lambda n: progress.advance(task, n), vectors=vectors)
     try:
         folder.save_index(built)
     except OSError as exc:

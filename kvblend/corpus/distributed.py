@@ -31,23 +31,28 @@ class RaySettings:
 
 
 class ChunkEncoder:
-    """A Ray Data actor: one model, one store connection; encodes a batch and returns what landed."""
+    """A Ray Data actor: one model, one store connection (and the index's embedder, when the run
+    indexes); encodes and embeds a batch, and returns what landed."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, embedder: str | None, index: bool):
         from kvblend.api import KVBlend
         from kvblend.config import KVBlendConfig
+        from kvblend.corpus.embed import Embedder
 
         self.kb = KVBlend(config=KVBlendConfig.model_validate(config))
+        self.embedder = Embedder(embedder) if index else None
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
+        texts = [str(t) for t in batch["text"]]
         with Landing(self.kb.store) as landing:  # listening before the first put, so no write goes unreported
-            statuses = ensure_cached(self.kb, [str(t) for t in batch["text"]])
+            statuses = ensure_cached(self.kb, texts)
             for row, status in enumerate(statuses):
                 (landing.found if status.hit else landing.wrote)(status.key, row)
             outcomes = dict(landing.finish())
-        return {
+        vectors = {"vector": self.embedder.embed(texts)} if self.embedder is not None else {}
+        return vectors | {
             "row": np.asarray(batch["row"]),
             "key": np.asarray([s.key for s in statuses]),
             "tokens": np.asarray([s.tokens for s in statuses]),
@@ -76,7 +81,8 @@ def _connect(address: str) -> None:
         ray.init(address=address, log_to_driver=False, logging_level="warning")
 
 
-def _encoded_rows(planned: list[PlannedChunk], config: dict, ray_settings: RaySettings, gpus: float) -> Iterator[dict]:
+def _encoded_rows(planned: list[PlannedChunk], config: dict, ray_settings: RaySettings, gpus: float,
+                  embedder: str | None, index: bool) -> Iterator[dict]:
     import ray
 
     _connect(ray_settings.address)
@@ -85,21 +91,24 @@ def _encoded_rows(planned: list[PlannedChunk], config: dict, ray_settings: RaySe
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // ray_settings.batch_size))
     # Ray Data restarts a dead actor and retries its batch (max_restarts / max_task_retries -1 by default)
     encoded = dataset.map_batches(
-        ChunkEncoder, fn_constructor_kwargs={"config": config}, batch_size=ray_settings.batch_size,
+        ChunkEncoder, fn_constructor_kwargs={"config": config, "embedder": embedder, "index": index},
+        batch_size=ray_settings.batch_size,
         compute=ray.data.ActorPoolStrategy(size=ray_settings.workers), num_cpus=ray_settings.threads_per_worker, num_gpus=gpus,
     )
     yield from encoded.iter_rows()
 
 
 def store_chunks_on_ray(config: dict, planned: list[PlannedChunk], manifest: Manifest, ray_settings: RaySettings,
-                        claim: Callable[[str], None], on_chunk: Callable[[PlannedChunk, bool], None] | None = None) -> PrecomputeReport:
+                        claim: Callable[[str], None], on_chunk: Callable[[PlannedChunk, bool], None] | None = None,
+                        embedder: str | None = None, index: bool = True) -> PrecomputeReport:
     """Like `store_chunks`, with the encoding spread over a Ray actor pool; `config` is the
     KVBlendConfig (as a dict) every actor builds its KVBlend from. The driver loads no model:
-    `claim(fingerprint)` gets the actors' model fingerprint before the first manifest line."""
+    `claim(fingerprint)` gets the actors' model fingerprint before the first manifest line. With
+    `index`, the actors also embed each chunk with `embedder`: the report's `vectors`."""
     gpus = 1.0 if str(config.get("device", "cpu")).startswith("cuda") else 0.0
     report = PrecomputeReport()
     claimed = False
-    for row in _encoded_rows(planned, config, ray_settings, gpus):
+    for row in _encoded_rows(planned, config, ray_settings, gpus, embedder, index):
         if not claimed:
             claim(str(row["fingerprint"]))
             claimed = True
@@ -112,6 +121,8 @@ def store_chunks_on_ray(config: dict, planned: list[PlannedChunk], manifest: Man
             report.failed.append((rec, failures))
         else:
             manifest.append(rec)
+            if "vector" in row:
+                report.vectors[rec.key] = row["vector"]
             report.encoded += computed
             report.skipped += not computed
             report.tokens_encoded += rec.tokens if computed else 0

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kvblend.corpus.atomic import write_atomic
 from kvblend.corpus.embed import Embedder
 from kvblend.corpus.manifest import ChunkRecord
@@ -60,8 +62,10 @@ class ChunkIndex:
         return [r for key, r in first_per_key(records).items() if key not in have]
 
     def cover(self, records: Sequence[ChunkRecord], embedder: Embedder, batch_size: int = 32,
-              on_batch: Callable[[int], None] | None = None) -> "ChunkIndex":
-        """An index of exactly `records`' chunks (one row per key): rows kept, missing chunks embedded, others dropped."""
+              on_batch: Callable[[int], None] | None = None, vectors: dict[str, np.ndarray] | None = None) -> "ChunkIndex":
+        """An index of exactly `records`' chunks (one row per key): rows kept, missing chunks embedded, others
+        dropped. `vectors` (key → the embedder's vector, e.g. computed by precompute's Ray actors) are used
+        as they are instead of embedding those chunks again."""
         import faiss
 
         if embedder.dim != self.faiss_index.d or embedder.name != self.embedder:
@@ -74,7 +78,13 @@ class ChunkIndex:
             index.add(self.faiss_index.reconstruct_n(0, self.faiss_index.ntotal)[rows])
         kept = [wanted[self.records[i].key] for i in rows]
         new = self.missing(list(wanted.values()))
-        for i in range(0, len(new), batch_size):
+        given = [r for r in new if vectors and r.key in vectors]
+        if given:
+            index.add(np.stack([vectors[r.key] for r in given]).astype(np.float32))
+            if on_batch:
+                on_batch(len(given))
+        new = given + [r for r in new if not (vectors and r.key in vectors)]
+        for i in range(len(given), len(new), batch_size):
             batch = new[i:i + batch_size]
             index.add(embedder.embed([r.text for r in batch], batch_size))
             if on_batch:

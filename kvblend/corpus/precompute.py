@@ -58,6 +58,7 @@ class PrecomputeReport:
     skipped: int = 0  # already stored
     tokens_encoded: int = 0
     failed: list[tuple[ChunkRecord, dict[str, str]]] = field(default_factory=list)  # not stored: {tier: error}
+    vectors: dict = field(default_factory=dict)  # key → embedding, when the encoders embedded too (Ray actors)
 
     def failure_reasons(self) -> Counter[str]:
         """'tier: error' → how many chunks failed so."""
