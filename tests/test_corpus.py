@@ -109,7 +109,7 @@ def test_precompute_stores_indexes_resumes_and_answers(tiny_models, corpus, tmp_
 
     again = precompute(corpus, store, tiny_models["llama"])
     assert again.exit_code == 0, again.output
-    assert f"encoded 0 chunks" in text(again) and f"skipped {len(lines)} already stored" in text(again)
+    assert "encoded 0 chunks" in text(again) and f"skipped {len(lines)} already stored" in text(again)
     assert manifest_lines(store) == lines
 
     ask = runner.invoke(app, ["ask", "How many lamps does the violet lighthouse keep?", "--store", str(store),

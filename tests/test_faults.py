@@ -14,15 +14,15 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from kvblend.cli import app
-from kvblend.corpus import ChunkIndex, ChunkRecord, Manifest
+from kvblend.corpus import ChunkIndex, ChunkRecord
 from kvblend.store import DiskStore
+from servers import RedisServer, free_port
 
 runner = CliRunner()
 CLI = [sys.executable, "-c", "from kvblend.cli import app; app()"]
@@ -40,12 +40,6 @@ def write_docs(folder: Path, n: int, lines: int = 12, tag: str = "doc") -> Path:
         (folder / f"{tag}{i:02d}.txt").write_text(" ".join(
             f"{tag.title()} {i} note {j}: the {['red', 'blue', 'green'][j % 3]} tower at {tag} {i} keeps {i * j % 17} bells." for j in range(lines)))
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def manifest_records(corpus: Path) -> list[ChunkRecord]:
@@ -79,34 +73,6 @@ def encoded(output: str) -> int:
 
 
 # -- Redis ----------------------------------------------------------------------------------------------
-class RedisServer:
-    """A redis-server of the test's own that writes every command to its append-only file before
-    answering, so what it acknowledged is still there after a kill -9 and a restart."""
-
-    def __init__(self, folder: Path):
-        self.port, self.dir, self.proc = free_port(), folder, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
-                                     stdout=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-
 def test_redis_down_at_start_stores_nothing_and_says_so(tiny_models, tmp_path):
     docs = write_docs(tmp_path / "docs", 3)
     url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
@@ -126,7 +92,7 @@ def test_redis_down_at_start_stores_nothing_and_says_so(tiny_models, tmp_path):
 def test_redis_killed_mid_precompute_records_only_what_it_acknowledged(tiny_models, tmp_path):
     from kvblend.store.remote import RedisStore
 
-    server = RedisServer(tmp_path)
+    server = RedisServer(tmp_path, durable=True)
     server.start()
     docs = write_docs(tmp_path / "docs", 20, lines=40)
     corpus = tmp_path / "corpus"

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from kvblend.cli import app
 from kvblend.store import DiskStore
-from test_faults import free_port, text, write_docs
+from servers import free_port
+from test_faults import text, write_docs
 
 runner = CliRunner()
 

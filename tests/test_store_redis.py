@@ -8,7 +8,6 @@ import uuid
 from functools import partial
 
 import pytest
-import redis
 import torch
 
 from kvblend import KVBlend
@@ -16,6 +15,7 @@ from kvblend.blend.chunks import encode_chunk
 from kvblend.config import StoreConfig
 from kvblend.store import ChunkKV, MemoryStore, open_store
 from kvblend.store.remote import RedisStore
+from servers import RedisServer
 from test_store_processes import passage, run_worker
 
 REDIS_URL = os.environ.get("KVBLEND_TEST_REDIS_URL")
@@ -30,39 +30,12 @@ def make_kv(seed: int) -> ChunkKV:
     return ChunkKV(key, "model-a", torch.randn((4, 2, 20, 16), generator=g), torch.randn((4, 2, 20, 16), generator=g))
 
 
-class OwnRedis:
-    """A redis-server of this test's own, on a free loopback port, that the test can stop and restart."""
-
-    def __init__(self, tmp_path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.dir, self.proc = tmp_path, None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.dir)], stdout=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 @pytest.fixture()
 def own_redis(tmp_path):
-    server = OwnRedis(tmp_path)
+    server = RedisServer(tmp_path)
     server.start()
     yield server
-    server.stop()
+    server.kill()
 
 
 @needs_redis
@@ -126,7 +99,7 @@ def test_redis_stopped_mid_run_fails_no_request_and_is_used_again_when_back(tiny
     in_flight = remote.get(kb.key_for(ids))  # header read, layers not yet: the server dies under it
     in_flight.recompute = partial(encode_chunk, kb.adapter, kb.context_ids, ids, in_flight.key)
 
-    own_redis.stop()
+    own_redis.kill()
     assert torch.equal(in_flight.layer(2)[0], in_flight.recompute().keys[2]) and in_flight.failed
     during = kb.prefill(chunks, QUESTION)  # every chunk misses and is computed fresh: no error
     assert during.stats.chunk_misses == 3 and remote.stats.errors >= 2

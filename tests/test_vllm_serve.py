@@ -4,7 +4,6 @@ One server for the whole module, eager (no torch.compile at start-up). Skipped w
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
 openai = pytest.importorskip("openai", reason="the openai client is not installed")
 
+from servers import free_port  # noqa: E402
 from tiny import make_tiny_model  # noqa: E402
 
 from kvblend import KVBlend  # noqa: E402
@@ -27,12 +27,6 @@ CHUNKS = [
 QUESTION = "Where is the spare key?"
 TOKENS = 10
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
 httpx = pytest.importorskip("httpx")
 
-from test_vllm_serve import free_port  # noqa: E402
+from servers import free_port  # noqa: E402
 
 CACHED = "The lighthouse on the northern cape has kept its lamp lit every night since 1821, tended by three keepers."
 NEW = [f"Record {i}: dock {i} holds {i * 7 % 31} crates of tea." for i in range(120)]  # short: vLLM's prefill stays small

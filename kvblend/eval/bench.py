@@ -15,7 +15,6 @@ from importlib import resources
 from pathlib import Path
 
 from kvblend.api import KVBlend
-from kvblend.config import BlendConfig
 
 QUESTION = "\n\nSummarise the passages above in one sentence.\nAnswer:"
 
