@@ -1,8 +1,12 @@
 """Loopback servers of a test's own: a free port, and a redis-server the test can kill and restart."""
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -39,3 +43,38 @@ class RedisServer:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+
+@contextmanager
+def kvblend_serve(args: list[str], folder: Path, up_within_s: float) -> Iterator[str]:
+    """A real `kvblend serve ARGS` on a free loopback port (log in `folder`), yielding its base URL
+    once /v1/models answers; the server and its vLLM processes are stopped afterwards."""
+    import httpx
+    import pytest
+
+    port = free_port()
+    command = [sys.executable, "-c", "from kvblend.cli import app; app()", "serve", "--port", str(port), *args]
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + up_within_s
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"kvblend serve exited early:\n{(folder / 'server.log').read_text()[-3000:]}")
+            try:
+                httpx.get(f"{base}/models", timeout=10)
+                break
+            except httpx.TransportError:
+                if time.time() > deadline:
+                    pytest.fail(f"kvblend serve did not come up in {up_within_s:.0f} s")
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -2,11 +2,6 @@
 
 One server for the whole module, eager (no torch.compile at start-up). Skipped where vLLM is not installed.
 """
-import os
-import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,7 +9,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
 openai = pytest.importorskip("openai", reason="the openai client is not installed")
 
-from servers import free_port  # noqa: E402
+from servers import kvblend_serve  # noqa: E402
 from tiny import make_tiny_model  # noqa: E402
 
 from kvblend import KVBlend  # noqa: E402
@@ -37,34 +32,10 @@ def server(tmp_path_factory):
     kb = KVBlend(model=str(folder), store=str(root / "store"))
     kb.precompute(CHUNKS)
     kb.store.flush()
-    port = free_port()
-    command = [sys.executable, "-c", "from kvblend.cli import app; app()", "serve", "--model", str(folder),
-               "--served-model-name", MODEL, "--store", str(root / "store"), "--port", str(port), "--kv-cache-bytes", "64MiB",
-               "--max-model-len", "1024", "--handoff-dir", str(root / "handoff"), "--enforce-eager"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kvblend serve exited early:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                if time.time() > deadline:
-                    pytest.fail("kvblend serve did not come up in 300 s")
-                time.sleep(1)
-        yield client, kb
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    args = ["--model", str(folder), "--served-model-name", MODEL, "--store", str(root / "store"), "--kv-cache-bytes", "64MiB",
+            "--max-model-len", "1024", "--handoff-dir", str(root / "handoff"), "--enforce-eager"]
+    with kvblend_serve(args, root, up_within_s=300) as base:
+        yield openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120), kb
 
 
 def chat(client, question, chunks, **kwargs):

@@ -3,10 +3,6 @@ background must not hold up the next request, and its timing headers must count 
 
 Skipped where vLLM is not installed.
 """
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +10,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
 httpx = pytest.importorskip("httpx")
 
-from servers import free_port  # noqa: E402
+from servers import kvblend_serve  # noqa: E402
 
 CACHED = "The lighthouse on the northern cape has kept its lamp lit every night since 1821, tended by three keepers."
 NEW = [f"Record {i}: dock {i} holds {i * 7 % 31} crates of tea." for i in range(120)]  # short: vLLM's prefill stays small
@@ -28,34 +24,10 @@ def real_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-misses")
     with KVBlend(store=str(root / "store")) as kb:
         kb.precompute([CACHED])
-    port = free_port()
-    command = [sys.executable, "-c", "from kvblend.cli import app; app()", "serve", "--store", str(root / "store"),
-               "--port", str(port), "--kv-cache-bytes", "512MiB", "--max-model-len", "8192", "--handoff-dir",
-               str(root / "handoff"), "--enforce-eager"]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    client = httpx.Client(timeout=600)
-    try:
-        deadline = time.time() + 400
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"kvblend serve exited early:\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                client.get(f"http://127.0.0.1:{port}/v1/models")
-                break
-            except httpx.TransportError:
-                if time.time() > deadline:
-                    pytest.fail("kvblend serve did not come up in 400 s")
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1/chat/completions", client
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    args = ["--store", str(root / "store"), "--kv-cache-bytes", "512MiB", "--max-model-len", "8192",
+            "--handoff-dir", str(root / "handoff"), "--enforce-eager"]
+    with kvblend_serve(args, root, up_within_s=400) as base, httpx.Client(timeout=600) as client:
+        yield f"{base}/chat/completions", client
 
 
 def ask(server, chunks, question="Since when has the lamp been lit?"):
