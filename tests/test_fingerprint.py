@@ -1,12 +1,16 @@
-"""The model fingerprint (part of every chunk's cache key) covers every weight."""
+"""The model fingerprint (part of every chunk's cache key) covers every weight, and a process with
+no model loaded (vLLM's worker) computes the same print from the checkpoint files."""
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from kvblend.models import LayerwiseModel
+from kvblend.models.fingerprint import checkpoint_fingerprint
+from tiny import ARCHS
 
 
-def fingerprint(folder, edit=None) -> str:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+def fingerprint(folder, edit=None, dtype=torch.float32) -> str:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     if edit is not None:
         with torch.no_grad():
             edit(model)
@@ -36,8 +40,33 @@ def test_tied_weights_are_hashed_once_and_still_count(tiny_models, tmp_path):
 
     folder = make_tiny_model(tmp_path, "llama", layers=1, tie_word_embeddings=True)
     base = fingerprint(folder)
+    assert checkpoint_fingerprint(folder, torch.float32) == base
 
     def edit(model):
         model.model.embed_tokens.weight.view(-1)[1] += 1e-3  # lm_head is the same tensor
 
     assert fingerprint(folder, edit) != base
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_checkpoint_files_give_the_loaded_models_print(tiny_models, arch, dtype):
+    """What vLLM's worker computes from the folder equals what the transformers side computes from
+    the loaded model, in the load dtype (the stored float32 converted as transformers converts it)."""
+    assert checkpoint_fingerprint(tiny_models[arch], dtype) == fingerprint(tiny_models[arch], dtype=dtype)
+
+
+def test_the_print_does_not_depend_on_how_the_checkpoint_is_sharded(tiny_models, tmp_path):
+    AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"]).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert checkpoint_fingerprint(tmp_path, torch.float32) == fingerprint(tiny_models["qwen2"])
+
+
+def test_config_and_dtype_change_the_checkpoint_print(tiny_models, tmp_path):
+    folder = tiny_models["llama"]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.config.rms_norm_eps *= 2
+    model.save_pretrained(tmp_path)
+    base = checkpoint_fingerprint(folder, torch.float32)
+    assert checkpoint_fingerprint(tmp_path, torch.float32) != base
+    assert checkpoint_fingerprint(folder, torch.bfloat16) != base

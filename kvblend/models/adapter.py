@@ -19,10 +19,10 @@ from torch import nn
 from kvblend.kernels import rms_norm, silu_mul
 from kvblend.models.fingerprint import model_fingerprint
 from kvblend.models.huge_pages import ADVISABLE, HugePageArena
+from kvblend.models.rope import RopeTables
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 MLP_ROWS = 1024  # tokens per MLP block (see LayerwiseModel.mlp)
-ROPE_TABLE_ROWS = 4096  # positions in the first table of a static rope type
 
 
 class UnsupportedModelError(ValueError):
@@ -72,14 +72,20 @@ def rope_depends_on_length(rope_type: str) -> bool:
     return "dynamic" in rope_type or rope_type == "longrope"
 
 
-def check_architecture(model: nn.Module) -> str:
-    """The model's architecture name, or UnsupportedModelError when kvblend cannot run it layer by layer."""
+def supported_architecture(model: nn.Module) -> str:
+    """The config's model_type when kvblend runs that family layer by layer, else UnsupportedModelError."""
     arch = getattr(model.config, "model_type", type(model).__name__)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
             f"architecture {arch!r} ({type(model).__name__}) is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    return arch
+
+
+def check_architecture(model: nn.Module) -> str:
+    """The model's architecture name, or UnsupportedModelError when kvblend cannot run it layer by layer."""
+    arch = supported_architecture(model)
     head_dim = model.model.layers[0].self_attn.head_dim
     rotary_dim = model.model.rotary_emb.inv_freq.numel() * 2
     if rotary_dim != head_dim:  # transformers' own forward for these families cannot run it either
@@ -116,10 +122,10 @@ class LayerwiseModel:
         self.architecture = check_architecture(model)
         cfg, inner = model.config, model.model
         self.model, self.config = model, cfg
-        self.sliding_window = _sliding_window(cfg, self.architecture)
+        self.sliding_window = sliding_window(cfg, self.architecture)
         self.embed_tokens, self.final_norm, self.lm_head = inner.embed_tokens, inner.norm, model.lm_head
         self.rotary = inner.rotary_emb
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # static rope types only (see rope_tables)
+        self._rope = RopeTables(self._rotary_table)  # static rope types only (see rope_tables)
         first = inner.layers[0].self_attn
         self.head_dim, self.scaling = first.head_dim, first.scaling
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -152,9 +158,7 @@ class LayerwiseModel:
         slices of one table, grown when a longer one is asked for."""
         if rope_depends_on_length(self.rotary.rope_type):
             return self._rotary_table(start, end)
-        if self._rope is None or self._rope[0].shape[0] < end:
-            self._rope = self._rotary_table(0, max(end, ROPE_TABLE_ROWS))
-        return self._rope[0][start:end], self._rope[1][start:end]
+        return self._rope(end, start)
 
     def _rotary_table(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(start, end, device=self.device)[None]
@@ -201,7 +205,8 @@ class LayerwiseModel:
         return self.lm_head(self.final_norm(h)).float()
 
 
-def _sliding_window(cfg, arch: str) -> int | None:
+def sliding_window(cfg, arch: str) -> int | None:
+    """The attention window of a config that uses one (Mistral's by default, Qwen's when `use_sliding_window`)."""
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", arch == "mistral"):
         return int(cfg.sliding_window)
     return None
