@@ -106,3 +106,11 @@ def test_the_vllm_engine_does_not_import_the_api():
         code = "import sys, kvblend.engines.vllm; print('kvblend.api' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_vllm_plugin_loads_light():
+    """vLLM runs kvblend's plugin in each of its processes, kvblend's or not: importing it loads no other
+    kvblend module (the model adapter comes with the first `worker_model()`)."""
+    code = "import sys, kvblend.engines.vllm_plugin; print(sorted(m for m in sys.modules if m.startswith('kvblend.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['kvblend.engines', 'kvblend.engines.vllm_plugin']"
