@@ -54,6 +54,10 @@ class KVBlend:
         if isinstance(store, str) or store is None:
             config.store = store if store is not None else config.store
         self.config = KVBlendConfig.model_validate(config.model_dump())
+        if self.config.store.disk_dir:  # chunks the store holds were encoded as its corpus records
+            from kvblend.corpus.folder import CorpusFolder
+
+            self.config.blend = CorpusFolder.beside(self.config.store.disk_dir).adopt_encoding(self.config.blend)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.model, self.tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
@@ -138,12 +142,13 @@ class KVBlend:
 
     def prefill(self, chunks: list[str], question: str, method: Method = "blend", config: BlendConfig | None = None,
                 profile: bool = False, prompt: Prompt | None = None,
-                kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Prefill:
+                kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                ranking: torch.Tensor | None = None) -> Prefill:
         """Run the prompt's prefill by `method`; the result holds the cache and first-token logits.
 
         `prompt` is `build_prompt(chunks, question)` when the caller has built it already. With
         `kv_out` (blend and reuse only: per-layer destinations, see `BlendExecutor.run`) the fused
-        KV is written there and the result's cache is None."""
+        KV is written there and the result's cache is None. `ranking` is research only (BlendExecutor.run)."""
         if method not in PREFILL_METHODS:
             raise ValueError(f"unknown prefill method {method!r}; choose one of {PREFILL_METHODS}")
         if kv_out is not None and method == "full":
@@ -179,7 +184,8 @@ class KVBlend:
             stats.stages_s["lookup"] = time.perf_counter() - t0
             cfg = REUSE if method == "reuse" else (config or self.config.blend)
             stats.recompute_ratio = cfg.recompute_ratio
-            out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile, kv_out=kv_out)
+            out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile, kv_out=kv_out,
+                                    ranking=ranking)
             cache = None if kv_out is not None else to_dynamic_cache(self.model.config, out.keys, out.values)
             logits = out.logits
             stats.tokens_cached = sum(s.kv.num_tokens for s in spans)

@@ -27,10 +27,12 @@ class BlendConfig(BaseModel):
     `check_ratios` (one per check layer, non-increasing, ending at `recompute_ratio`) enables
     gradual filtering. `selection` picks the ranking: CacheBlend's KV deviation, deviation
     weighted by the attention the question pays each token (`"query"`), or random (an ablation).
-    `chunk_context` is what each chunk is encoded after (not stored): the model's BOS, nothing,
-    `"head"` (the prompt's template head) or `"primed"` (the head, a neutral passage and the
-    separator: chunks encoded as if they followed another document; `primer` sets the passage),
-    which gave the lowest KL vs full prefill with a passage from the same corpus (docs/benchmarks.md).
+    `chunk_context` is what each chunk is encoded after (not stored): `"primed"` (default: the
+    prompt's template head, a passage and the separator, so each chunk is encoded as if it followed
+    another document, as all but the first retrieved chunk do), the model's BOS, `"head"` or nothing.
+    `primer` is that passage: `kvblend precompute` picks the most typical passage of the corpus and
+    records it beside the store, which every reader of the store then uses; unset, a neutral passage.
+    Why primed is the default: docs/benchmarks.md, Blend quality.
     """
 
     model_config = {"extra": "forbid"}
@@ -42,7 +44,9 @@ class BlendConfig(BaseModel):
     selection: Literal["deviation", "query", "random"] = "deviation"
     query_weight: float = Field(1.0, ge=0.0, description="mix of the query-attention score, for selection='query'")
     sink_tokens: int = Field(0, ge=0, description="leading tokens of each cached chunk always recomputed")
-    chunk_context: Literal["bos", "head", "primed", "none"] | list[int] = "bos"
+    per_chunk_budget: bool = Field(False, description=(
+        "each cached chunk recomputes its own share of its tokens, instead of the best share of all cached tokens"))
+    chunk_context: Literal["bos", "head", "primed", "none"] | list[int] = "primed"
     primer: str | None = Field(None, min_length=1, description=(
         "the passage 'primed' chunks are encoded after; best one of the corpus's own (default: a neutral passage)"))
     attention_block: int = Field(128, ge=1, description="selected queries per attention block")

@@ -135,12 +135,13 @@ def test_empty_question_is_refused(tiny_models, tmp_path):
 def test_chunk_tokens_over_the_context_are_refused_before_loading(tiny_models, tmp_path):
     doc = tmp_path / "long.txt"
     doc.write_text("A sentence of some length about nothing in particular. " * 120)  # ~6,700 bytes: byte tokens
-    for extra in ([], ["--dry-run"]):
+    for extra, most in (([], None), (["--dry-run"], None), (["--chunk-context", "bos"], 4095)):
         res = runner.invoke(app, ["precompute", str(doc), "--store", str(tmp_path / "s"), "--model", str(tiny_models["llama"]),
                                   "--chunk-tokens", "5000", *extra])
         out = text(res.output)
         assert res.exit_code == 2, res.output
-        assert "--chunk-tokens 5000 is more than" in out and "4096 positions" in out and "use at most 4095" in out
+        assert "--chunk-tokens 5000 is more than" in out and "4096 positions" in out and "encoded after" in out
+        assert f"use at most {most}" in out if most else "use at most" in out
         assert "Traceback" not in res.output and "encoding KV" not in out
     assert not (tmp_path / "s").exists()
 

@@ -34,8 +34,8 @@ def recompute_ratio(value: str) -> float | str:
 RatioOpt = Annotated[str, typer.Option("--recompute-ratio", "-r", callback=recompute_ratio, help=(
     "share of cached tokens recomputed (0-1), or auto: from tier bandwidth and prefill speed, per request"))]
 ChunkContextOpt = Annotated[Optional[str], typer.Option("--chunk-context", help=(
-    "what each chunk is encoded after (not stored): bos (default), head (the prompt's template head), "
-    "primed (the head, a neutral passage and the separator) or none"))]
+    "what each chunk is encoded after (not stored): primed (default: the template head, a passage of the "
+    "corpus and the separator), bos, head (the prompt's template head) or none"))]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads")]
 
 

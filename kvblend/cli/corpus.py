@@ -14,7 +14,7 @@ from rich.text import Text
 
 from kvblend.cli import app
 from kvblend.cli.common import (
-    CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend, stats_line, store_config,
+    ChunkContextOpt, CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, ThreadsOpt, console, make_kvblend, stats_line, store_config,
 )
 
 StoreSpecOpt = Annotated[str, typer.Option("--store", help="KV store: a directory, or a YAML store config / redis:// URL with --corpus")]
@@ -43,14 +43,38 @@ def _load_tokenizer_and_config(model: str):
     return AutoTokenizer.from_pretrained(source), AutoConfig.from_pretrained(source)
 
 
-def _check_chunk_tokens(chunk_tokens: int, model: str, tokenizer, config) -> None:
-    """Refuse chunks the model cannot encode: each is encoded after its BOS, within the model's positions."""
+def _check_chunk_tokens(chunk_tokens: int, model: str, config, context: int) -> None:
+    """Refuse chunks the model cannot encode: each is encoded after `context` tokens, within the model's positions."""
     positions = getattr(config, "max_position_embeddings", None)
-    context = 1 if tokenizer.bos_token_id is not None else 0
     if positions is not None and chunk_tokens + context > positions:
         raise _fail(f"--chunk-tokens {chunk_tokens} is more than {model} can encode: its context is {positions} positions"
-                    + (", one of them the BOS each chunk is encoded after" if context else "")
+                    + (f", {context} of them the chunk context each chunk is encoded after" if context else "")
                     + f"; use at most {positions - context}")
+
+
+def _chunk_encoding(folder, chunk_context: str | None, planned, tokenizer) -> dict:
+    """The corpus's recorded chunk encoding; for a new corpus, `chunk_context` (default: BlendConfig's)
+    with, when primed, the primer chosen from its chunks (kvblend.corpus.primer)."""
+    from kvblend.config import BlendConfig
+    from kvblend.corpus.folder import describe
+    from kvblend.corpus.primer import choose_primer
+
+    recorded = folder.encoding() if folder is not None else None
+    if recorded is not None:
+        if chunk_context is not None and chunk_context != recorded["chunk_context"]:
+            raise _fail(f"{folder.root}'s chunks were encoded with {describe(recorded)}; drop --chunk-context "
+                        "or use another --store")
+        return recorded
+    context = chunk_context or BlendConfig().chunk_context
+    primer = choose_primer([p.chunk.text for p in planned], tokenizer) if context == "primed" else None
+    return {"chunk_context": context, "primer": primer}
+
+
+def _context_tokens(tokenizer, encoding: dict) -> int:
+    from kvblend.blend.chunks import resolve_chunk_context
+    from kvblend.blend.plan import PromptBuilder
+
+    return len(resolve_chunk_context(encoding["chunk_context"], PromptBuilder(tokenizer), encoding["primer"]))
 
 
 def _token_progress() -> Progress:
@@ -75,12 +99,16 @@ def precompute(
         r"the store must be one every node reaches (pip install 'kvblend\[ray]')"))] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="with --ray: actors encoding at once, each holding the model")] = 1,
     encoding: Annotated[str, typer.Option("--encoding", help="text encoding of the input files")] = "utf-8",
+    chunk_context: ChunkContextOpt = None,
     model: ModelOpt = "smollm2-135m",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
 ):
-    """Chunk a corpus, encode every chunk's KV into the store (resumable) and index the chunks."""
+    """Chunk a corpus, encode every chunk's KV into the store (resumable) and index the chunks.
+
+    A new corpus records how its chunks are encoded (corpus.json): with the default primed chunk
+    context, after a primer chosen from the corpus itself; later runs and readers use the same."""
     from kvblend.corpus import ChunkSplitter, CorpusError, CorpusFolder, CorpusLocked, kv_bytes_per_token, plan_chunks, read_corpus, store_chunks
 
     read = read_corpus(paths, text_field=text_field, encoding=encoding)
@@ -94,7 +122,14 @@ def precompute(
         planned = plan_chunks(read.documents, ChunkSplitter(tokenizer, chunk_tokens), tokenizer)
     except (ValueError, OSError) as exc:
         raise _fail(exc)
-    _check_chunk_tokens(chunk_tokens, model, tokenizer, config)
+    try:
+        folder = CorpusFolder.for_store(store, corpus) if (spec.disk_dir or spec.remote_url) else None
+    except CorpusError as exc:
+        if not dry_run:
+            raise _fail(exc)
+        folder = None
+    encoding = _chunk_encoding(folder, chunk_context, planned, tokenizer)
+    _check_chunk_tokens(chunk_tokens, model, config, _context_tokens(tokenizer, encoding))
     total_tokens = sum(p.tokens for p in planned)
     per_token = kv_bytes_per_token(config, dtype, spec.codec)
     console.print(f"{read.files} files, {len(read.documents)} documents → {len(planned)} chunks, {total_tokens:,} tokens; "
@@ -107,18 +142,18 @@ def precompute(
     if not (spec.disk_dir or spec.remote_url):
         raise _fail(f"store {store!r} has no disk or remote tier: the chunks would be gone when this command ends")
     try:
-        folder = CorpusFolder.for_store(store, corpus)
         lock = folder.lock()
         lock.acquire()
-    except (CorpusError, CorpusLocked, OSError) as exc:
+    except (CorpusLocked, OSError) as exc:
         raise _fail(exc)
     try:
         if ray:
-            report = _encode_on_ray(ray, workers, threads, model, spec, device, dtype, planned, folder, per_token, embedder, index)
+            report = _encode_on_ray(ray, workers, threads, model, spec, device, dtype, planned, folder, per_token, embedder,
+                                    index, encoding)
         else:
-            with make_kvblend(model, spec, device, dtype, threads=threads) as kb:
+            with make_kvblend(model, spec, device, dtype, threads=threads, **encoding) as kb:
                 try:
-                    folder.claim(model, kb.adapter.fingerprint)
+                    folder.claim(model, kb.adapter.fingerprint, encoding)
                 except CorpusError as exc:
                     raise _fail(exc)
                 report = _encode(lambda manifest, advance: store_chunks(kb, planned, manifest, on_chunk=advance), planned, folder, per_token)
@@ -138,19 +173,19 @@ def precompute(
 
 
 def _encode_on_ray(address: str, workers: int, threads: int | None, model: str, spec, device: str, dtype: str,
-                   planned, folder, per_token: int, embedder: str | None, index: bool):
+                   planned, folder, per_token: int, embedder: str | None, index: bool, encoding: dict):
     """`_encode` on a Ray actor pool: each actor loads the model (and the embedder when indexing);
     this process only plans, records and builds the index from the actors' vectors."""
-    from kvblend.config import KVBlendConfig
+    from kvblend.config import BlendConfig, KVBlendConfig
     from kvblend.corpus import CorpusError
     from kvblend.corpus.distributed import RaySettings, store_chunks_on_ray
 
-    config = KVBlendConfig(model=model, store=spec, device=device, dtype=dtype).model_dump(mode="json")
+    config = KVBlendConfig(model=model, store=spec, device=device, dtype=dtype, blend=BlendConfig(**encoding)).model_dump(mode="json")
     settings = RaySettings(address=address, workers=workers, threads_per_worker=threads or 1)
 
     def claim(fingerprint: str) -> None:
         try:
-            folder.claim(model, fingerprint)
+            folder.claim(model, fingerprint, encoding)
         except CorpusError as exc:
             raise _fail(exc)
 
@@ -262,7 +297,8 @@ def ask(
         hits = chunk_index.search(emb, question, top_k)
     except (CorpusError, ValueError, OSError) as exc:
         raise _fail(exc)
-    with make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio) as kb:
+    encoding = folder.encoding() or {}  # the chunks' keys depend on it
+    with make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio, **encoding) as kb:
         try:
             folder.check_model(model, kb.adapter.fingerprint)
         except CorpusError as exc:

@@ -14,6 +14,23 @@ from kvblend.cli import app
 from kvblend.cli.common import ChunkContextOpt, CodecOpt, DeviceOpt, DtypeOpt, EngineOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, make_kvblend
 
 
+def _dataset_primer(path: Path, top_k: int | None, model: str) -> str:
+    """The primer precompute would choose with the dataset as the corpus: every record's passages."""
+    from transformers import AutoTokenizer
+
+    from kvblend.corpus.primer import choose_primer
+    from kvblend.eval.datasets import load_dataset
+    from kvblend.models.registry import resolve_model
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    except (ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    passages = [chunk for record in load_dataset(path, top_k=top_k) for chunk in record.chunks]
+    return choose_primer(passages, tokenizer)
+
+
 @app.command("eval")
 def eval_command(
     dataset: Annotated[str, typer.Argument(help=(
@@ -42,6 +59,7 @@ def eval_command(
     threads: ThreadsOpt = None,
 ):
     """Compare methods against full prefill: F1, agreement, KL, TTFT and speed-up."""
+    from kvblend.config import BlendConfig
     from kvblend.eval.datasets import load_dataset, resolve_dataset
     from kvblend.eval.frontier import frontier_methods, parse_ratios, plot_frontier
     from kvblend.eval.methods import parse_methods
@@ -57,6 +75,8 @@ def eval_command(
     if primer_file:
         blend["primer"] = primer_file.read_text(encoding="utf-8").strip()
         blend.setdefault("chunk_context", "primed")
+    elif blend.get("chunk_context", BlendConfig().chunk_context) == "primed":
+        blend["primer"] = _dataset_primer(path, top_k, model)
     with make_kvblend(model, store, device, dtype, engine, threads, codec, recompute_ratio=recompute_ratio, **blend) as kb:
         try:
             if frontier:
@@ -79,10 +99,14 @@ def eval_command(
             lo, hi = s[f"{key}_ci"]
             return f"{s[key]:.{digits}f} ±{(hi - lo) / 2:.{digits}f}" if lo == lo else f"{s[key]:.{digits}f}"
 
+        def timing(s: dict) -> tuple[str, str]:  # an oracle is not timed
+            untimed = s["ttft_median_s"] != s["ttft_median_s"]
+            return ("-", "-") if untimed else (f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
+
         for name, s in summary.items():
             f1 = "-" if s["f1"] is None else with_ci(s, "f1", 3)
             table.add_row(escape(name), f1, with_ci(s, "first_token_agree", 2), f"{s['token_agree']:.2f}", f"{s['kl_first']:.3f}",
-                          with_ci(s, "kl_tf", 3), f"{s['ttft_median_s']:.3f}", f"{s['speedup_vs_full']:.2f}x")
+                          with_ci(s, "kl_tf", 3), *timing(s))
         console.print(table)
         console.print("[dim]±: half the 95% bootstrap interval of the mean over records (bounds in --json)[/dim]")
         if frontier:
