@@ -115,6 +115,21 @@ def test_sink_tokens_are_kept_first_within_the_budget(kb):
     assert planted < plain and not sinks <= plain
 
 
+def test_per_chunk_budget_gives_every_chunk_its_own_share(kb):
+    """Deviation planted on the first chunk only: the global budget spends everything there, a
+    per-chunk budget keeps ceil(r·size) of each chunk, the first chunk's from the planted ones."""
+    t = Planted(kb)
+    (start0, kv0), r = t.chunks[0], 0.1
+    planted = set(range(start0, start0 + kv0.num_tokens, 2))
+    t.plant(1, "v", planted)
+    assert t.selected(recompute_ratio=r) <= planted
+    per_chunk = t.selected(recompute_ratio=r, per_chunk_budget=True)
+    for start, kv in t.chunks:
+        mine = {p for p in per_chunk if start <= p < start + kv.num_tokens}
+        assert len(mine) == math.ceil(r * kv.num_tokens - 1e-9)
+    assert {p for p in per_chunk if p < start0 + kv0.num_tokens} <= planted
+
+
 def test_query_selection_prefers_the_tokens_the_question_attends(kb):
     """Equal deviation planted on the b cached tokens the question attends most at layer 1 and on
     the b it attends least (by transformers' own attention weights): the query-aware ranking keeps
@@ -192,7 +207,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="primer"):
         BlendConfig(chunk_context="primed", primer="")
     with pytest.raises(ValueError, match='only used with chunk_context="primed"'):
-        BlendConfig(primer="a passage")
+        BlendConfig(chunk_context="bos", primer="a passage")
     from kvblend.eval.methods import parse_methods
 
     with pytest.raises(ValueError, match="chunk encoding is set once per run"):

@@ -88,3 +88,42 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_records():
     lo2, hi2 = bootstrap_interval(many)
     assert lo < lo2 < 0.5 < hi2 < hi
     assert bootstrap_interval([0.3] * 7) == pytest.approx((0.3, 0.3))
+
+
+def test_oracles_see_no_distance_where_the_cache_is_exact(tiny_models):
+    """With chunk_context="head" the first chunk's cached KV is exactly full prefill's: both oracles
+    score its tokens 0 and the later chunk's above 0; the blend then recomputes exactly the ranking's top."""
+    from kvblend import KVBlend
+    from kvblend.eval.oracle import kv_distance, output_effect
+
+    kb = KVBlend(model=str(tiny_models["llama"]), config=BlendConfig(chunk_context="head"))
+    chunks = ["Alice keeps the spare key under the blue flowerpot.", "The train to Lyon leaves at seven."]
+    kb.precompute(chunks)
+    prompt = kb.build_prompt(chunks, "Where is the key?")
+    (first, _), (second, _) = [(s, st) for s, st in zip(prompt.segments, prompt.starts()) if s.chunk is not None]
+    starts = [st for s, st in zip(prompt.segments, prompt.starts()) if s.chunk is not None]
+    one = slice(starts[0], starts[0] + len(first.ids))
+    two = slice(starts[1], starts[1] + len(second.ids))
+    full, reuse = kb.prefill(chunks, "Where is the key?", "full"), kb.prefill(chunks, "Where is the key?", "reuse")
+    n = full.ids.numel()
+    kv = kv_distance(full.cache, reuse.cache, n)
+    assert kv[one].abs().max() < 1e-6 * kv[two].max() and kv[two].min() > 0
+    effect = output_effect(kb.model, full.ids, full.cache, reuse.cache, full.logits[None], [])
+    assert effect[one].abs().max() < 1e-6 * effect[two].max() and effect[two].max() > 0
+
+    ranking = torch.zeros(n)
+    chosen = torch.arange(two.start, two.stop)[[0, 3, 5]]
+    ranking[chosen] = 1.0
+    cfg = BlendConfig(recompute_ratio=3 / (len(first.ids) + len(second.ids)), chunk_context="head")
+    out = kb.prefill(chunks, "Where is the key?", "blend", cfg, ranking=ranking)
+    assert out.stats.tokens_recomputed == 3
+    blended = kb.executor.run(full.ids, [], config=cfg, ranking=ranking)  # nothing cached: nothing to rank
+    assert blended.selected.numel() == 0
+
+
+def test_oracle_methods_parse_and_need_the_transformers_engine():
+    specs = parse_methods("full,oracle-out[recompute_ratio=0.3],oracle-kv", BlendConfig())
+    assert [(s.method, s.oracle) for s in specs] == [("full", None), ("blend", "out"), ("blend", "kv")]
+    assert specs[1].config.recompute_ratio == 0.3
+    with pytest.raises(ValueError, match="oracle-kv"):
+        parse_methods("full,oracle-xx", BlendConfig())

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from kvblend.blend.selection import budget, keep_top, query_attention, rank_scores
+from kvblend.blend.selection import budget, keep_top, keep_top_per_group, query_attention, rank_scores
 from kvblend.config import BlendConfig
 from kvblend.kernels import (
     AttentionPlan,
@@ -101,6 +101,7 @@ class BlendState:
     sin: torch.Tensor
     question_start: int | None
     kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None
+    ranking: torch.Tensor | None  # [N] scores that replace the check layers' own (research: the eval's oracle)
     watch: Stopwatch
     group: int  # query heads per KV head
     generator: torch.Generator
@@ -147,17 +148,21 @@ class BlendExecutor:
         config: BlendConfig | None = None,
         profile: bool = False,
         kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ranking: torch.Tensor | None = None,
     ) -> BlendOutput:
         """Blend one prompt: ids [N] with cached spans (any order of hits and fresh text).
 
         `kv_out` gives each layer's (keys, values) destination [KV, N, D] (e.g. views into a
-        hand-off file) in place of fresh buffers."""
-        s = self._start(ids, spans, question_start, self._checked(config or self.config), profile, kv_out)
+        hand-off file) in place of fresh buffers. `ranking` ([N], higher first) replaces the check
+        layers' ranking of cached tokens: for research (kvblend.eval.oracle), not for requests."""
+        if ranking is not None and ranking.shape != ids.shape:
+            raise ValueError(f"ranking has shape {tuple(ranking.shape)}, the prompt {tuple(ids.shape)}")
+        s = self._start(ids, spans, question_start, self._checked(config or self.config), profile, kv_out, ranking)
         for i in range(self.m.num_layers):
             self._layer(s, i)
         return BlendOutput(s.keys, s.values, self.m.logits(s.h)[-1], s.selected, dict(s.watch.totals))
 
-    def _start(self, ids, spans, question_start, cfg, profile, kv_out) -> BlendState:
+    def _start(self, ids, spans, question_start, cfg, profile, kv_out, ranking=None) -> BlendState:
         """Check the request and set up its state: every token active before the first check layer
         (only the fresh ones when nothing is recomputed)."""
         m, n = self.m, ids.numel()
@@ -173,7 +178,8 @@ class BlendExecutor:
         s = BlendState(
             ids=ids.to(m.device), spans=spans, cfg=cfg, checks=dict(zip(cfg.check_layers, cfg.ratios())),
             is_cached=is_cached.to(m.device), sink=sink.to(m.device), cos=cos, sin=sin, question_start=question_start,
-            kv_out=kv_out, watch=Stopwatch(profile, m.device), group=m.num_heads // m.num_kv_heads,
+            kv_out=kv_out, ranking=None if ranking is None else ranking.float().cpu(),
+            watch=Stopwatch(profile, m.device), group=m.num_heads // m.num_kv_heads,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         positions = torch.arange(n, device=m.device)
@@ -288,8 +294,16 @@ class BlendExecutor:
             fused_k = keys.clone()
             rope_realign(k, cos, sin, active, out=fused_k, backend=cfg.backend)
             attention = query_attention(q_rot, fused_k, q_pos, self.m.scaling)[pos]
-        scores = rank_scores(cfg, dev.cpu(), None if attention is None else attention.cpu(), s.generator)
-        kept = keep_top(scores, s.sink[pos].cpu(), budget(ratio, s.n_cached)).to(cand.device)
+        if s.ranking is not None:
+            scores = s.ranking[pos.cpu()]
+        else:
+            scores = rank_scores(cfg, dev.cpu(), None if attention is None else attention.cpu(), s.generator)
+        if cfg.per_chunk_budget:
+            span_of = torch.bucketize(pos.cpu(), torch.tensor([sp.start for sp in s.spans]), right=True) - 1
+            quota = [budget(ratio, sp.kv.num_tokens) for sp in s.spans]
+            kept = keep_top_per_group(scores, s.sink[pos].cpu(), span_of, quota).to(cand.device)
+        else:
+            kept = keep_top(scores, s.sink[pos].cpu(), budget(ratio, s.n_cached)).to(cand.device)
         keep = torch.cat([(~s.is_cached[active]).nonzero().squeeze(1), cand[kept]])
         return keep.sort().values
 

@@ -1,9 +1,9 @@
 """Which cached tokens a check layer keeps for recompute.
 
-CacheBlend ranks cached tokens by how far their fresh KV strays from the cached KV. Two
-refinements live here too, both spending the same budget: attention sinks (the first tokens of
-each chunk, which a standalone encoding over-attends) and query-aware ranking (the attention the
-question pays each token at the check layer).
+CacheBlend ranks cached tokens by how far their fresh KV strays from the cached KV. Refinements
+live here too, all spending the same budget: attention sinks (the first tokens of each chunk,
+which a standalone encoding over-attends), query-aware ranking (the attention the question pays
+each token at the check layer) and per-chunk budgets (each chunk recomputes its own share).
 """
 from __future__ import annotations
 
@@ -47,3 +47,10 @@ def keep_top(scores: torch.Tensor, forced: torch.Tensor, k: int) -> torch.Tensor
     scores[forced] = float("inf")
     k = min(k, scores.numel())
     return torch.topk(scores, k, sorted=False).indices.sort().values
+
+
+def keep_top_per_group(scores: torch.Tensor, forced: torch.Tensor, groups: torch.Tensor, quota: list[int]) -> torch.Tensor:
+    """Sorted indices of each group g's quota[g] best scores (forced ones first, counted in)."""
+    kept = [members[keep_top(scores[members], forced[members], quota[int(g)])]
+            for g in groups.unique() for members in [(groups == g).nonzero().squeeze(1)]]
+    return torch.cat(kept).sort().values if kept else torch.zeros(0, dtype=torch.long)

@@ -57,7 +57,7 @@ def plot_frontier(summary: dict[str, dict], specs: Sequence[MethodSpec], path: P
             for spec, x, y in zip(sweep, xs, ys):
                 ax.annotate(_label(spec), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         for spec in specs:
-            if spec not in sweep:
+            if spec not in sweep and not spec.oracle:  # an oracle has no TTFT (it needs full prefill)
                 x, y, err = point(spec)
                 ax.errorbar([x], [y], yerr=[[err[0]], [err[1]]], marker="s", capsize=3, linestyle="none", label=spec.name)
         ax.set_xlabel("TTFT speed-up vs full prefill (x)")

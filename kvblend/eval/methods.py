@@ -2,6 +2,8 @@
 
 A variant overrides blend settings inline: `blend[selection=query,query_weight=0.5]` or
 `blend[check_layers=[1,2],check_ratios=[0.3,0.15]]`. Values are parsed as YAML scalars/lists.
+`oracle-kv` and `oracle-out` (research, kvblend.eval.oracle) are blends whose ranking of cached
+tokens comes from full prefill; they take the same overrides (`oracle-out[recompute_ratio=0.3]`).
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ from dataclasses import dataclass
 import yaml
 
 from kvblend.config import BlendConfig
+from kvblend.eval.oracle import ORACLES
 from kvblend.results import METHODS
+
+ORACLE_METHODS = {f"oracle-{kind}": kind for kind in ORACLES}
 
 
 @dataclass
@@ -18,6 +23,7 @@ class MethodSpec:
     name: str
     method: str
     config: BlendConfig | None = None
+    oracle: str | None = None  # the oracle ranking this blend uses (kvblend.eval.oracle)
 
 
 def _split_top_level(text: str, sep: str = ",") -> list[str]:
@@ -38,8 +44,11 @@ def parse_methods(text: str, base: BlendConfig) -> list[MethodSpec]:
     specs = []
     for item in _split_top_level(text):
         name, _, body = item.partition("[")
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r} in {item!r}; choose from {METHODS}")
+        oracle = ORACLE_METHODS.get(name)
+        if oracle:
+            name = "blend"
+        elif name not in METHODS:
+            raise ValueError(f"unknown method {name!r} in {item!r}; choose from {METHODS + tuple(ORACLE_METHODS)}")
         config = base if name == "blend" else None
         if body:
             if name != "blend" or not body.endswith("]"):
@@ -53,7 +62,7 @@ def parse_methods(text: str, base: BlendConfig) -> list[MethodSpec]:
                     raise ValueError(f"{key.strip()!r} in {item!r}: chunk encoding is set once per run (--chunk-context, --primer-file)")
                 overrides[key.strip()] = yaml.safe_load(value)
             config = BlendConfig.model_validate({**base.model_dump(), **overrides})
-        specs.append(MethodSpec(item, name, config))
+        specs.append(MethodSpec(item, name, config, oracle))
     specs.sort(key=lambda s: s.method != "full")
     if not specs or specs[0].method != "full":
         specs.insert(0, MethodSpec("full", "full"))

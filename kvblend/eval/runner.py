@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from kvblend.api import KVBlend
-from kvblend.engines.hf import step_logits, truncate
+from kvblend.engines.hf import HFEngine, decode, step_logits, truncate
+from kvblend.engines.sampling import Sampling
 from kvblend.eval.datasets import Record
 from kvblend.eval.methods import MethodSpec
 from kvblend.eval.metrics import bootstrap_interval, f1_score, kl_divergence, token_agreement
+from kvblend.eval.oracle import oracle_ranking
+from kvblend.results import GenerateResult, Prefill
 
 
 @dataclass
@@ -72,6 +75,17 @@ def _forced_logits(kb: KVBlend, pre, forced: list[int]) -> torch.Tensor:
     return torch.cat(rows)
 
 
+def _oracle(kb: KVBlend, chunks: list[str], question: str, spec: MethodSpec, full: Prefill,
+            reference_logits: torch.Tensor, forced: list[int], steps: int) -> GenerateResult:
+    """A blend ranked by an oracle (kvblend.eval.oracle), decoded greedily; untimed (it runs full prefill's work)."""
+    reuse = kb.prefill(chunks, question, "reuse")
+    ranking = oracle_ranking(spec.oracle, kb.model, reuse.ids, full.cache, reuse.cache, reference_logits, forced)
+    pre = kb.prefill(chunks, question, "blend", spec.config, ranking=ranking)
+    tokens = list(decode(kb.model, pre.cache, pre.logits, pre.ids.numel(), steps, Sampling(), kb.stop_ids))
+    pre.stats.ttft_s = math.nan
+    return GenerateResult(kb.answer_text(tokens), tokens, math.nan, pre.stats, pre)
+
+
 def evaluate(
     kb: KVBlend,
     records: list[Record],
@@ -90,8 +104,12 @@ def evaluate(
     """
     if methods[0].method != "full":
         raise ValueError("the first method must be full (the reference)")
+    if any(m.oracle for m in methods) and not isinstance(kb.engine, HFEngine):
+        raise ValueError("oracle methods run on the transformers engine (--engine hf)")
     report = EvalReport({m.name: [] for m in methods})
     for spec in methods:  # warm-up: first calls pay one-off allocation and kernel selection costs
+        if spec.oracle:
+            continue
         kb.precompute(records[0].chunks)
         kb.generate(records[0].chunks, records[0].question, 1, spec.method, config=spec.config)
     for idx, record in enumerate(records):
@@ -99,13 +117,17 @@ def evaluate(
         chunks = record.chunks if shuffle_seed is None else random.Random(shuffle_seed + idx).sample(record.chunks, len(record.chunks))
         ref_logits: torch.Tensor | None = None
         ref_tokens: list[int] = []
+        ref_prefill: Prefill | None = None
         for spec in methods:
             steps = max(max_new_tokens, tf_tokens) if spec.method == "full" else max_new_tokens
-            kb.engine.settle()  # each timed request starts on an idle engine
-            result = kb.generate(chunks, record.question, steps, spec.method, config=spec.config, keep_prefill=True)
+            if spec.oracle:
+                result = _oracle(kb, chunks, record.question, spec, ref_prefill, ref_logits, ref_tokens[: tf_tokens - 1], steps)
+            else:
+                kb.engine.settle()  # each timed request starts on an idle engine
+                result = kb.generate(chunks, record.question, steps, spec.method, config=spec.config, keep_prefill=True)
             stats, tokens, pre = result.stats, result.token_ids, result.prefill
             if spec.method == "full":
-                ref_tokens = tokens
+                ref_tokens, ref_prefill = tokens, pre
             kl_first = kl_tf = math.nan
             if pre is not None:
                 logits = _forced_logits(kb, pre, ref_tokens[: tf_tokens - 1])
