@@ -4,12 +4,12 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from functools import partial
 
 import torch
 
 from kvblend.blend.chunks import chunk_key, encode_chunk, resolve_chunk_context
-from kvblend.blend.executor import BlendExecutor, CachedSpan
+from kvblend.blend.executor import REUSE, BlendExecutor
+from kvblend.blend.lookup import cached_spans, lookup_chunk
 from kvblend.blend.plan import Prompt, PromptBuilder
 from kvblend.config import BlendConfig, KVBlendConfig
 from kvblend.engines.base import Engine, Request
@@ -17,9 +17,7 @@ from kvblend.engines.hf import HFEngine, full_prefill, to_dynamic_cache
 from kvblend.engines.sampling import Sampling
 from kvblend.models import LayerwiseModel, load_model
 from kvblend.results import PREFILL_METHODS, GenerateResult, Method, Prefill, RequestStats
-from kvblend.store import ChunkKV, KVStore, choose_recompute_ratio, open_store, reject, start_prefetch, with_recompute
-
-REUSE = BlendConfig(recompute_ratio=0.0, check_layers=[])
+from kvblend.store import ChunkKV, KVStore, choose_recompute_ratio, open_store
 
 
 class KVBlend:
@@ -123,18 +121,8 @@ class KVBlend:
         return keys
 
     def _lookup(self, key: str, n_tokens: int) -> ChunkKV | None:
-        """A usable cache for this chunk, or None: foreign or misshapen objects are misses."""
-        kv = self.store.get(key)
-        m = self.adapter
-        if kv is None:
-            return None
-        if kv.fingerprint != m.fingerprint:
-            reject(self.store, key, f"made by model {kv.fingerprint}")
-            return None
-        if kv.num_layers != m.num_layers or kv.layer_shape != (m.num_kv_heads, n_tokens, m.head_dim) or kv.dtype != m.dtype:
-            reject(self.store, key, f"{kv.num_layers} layers of {kv.layer_shape} {kv.dtype}")
-            return None
-        return kv
+        """A usable cache for this chunk, or None (kvblend.blend.lookup.lookup_chunk)."""
+        return lookup_chunk(self.store, self.adapter, key, n_tokens)
 
     # -- prompts --------------------------------------------------------------------------------
     def build_prompt(self, chunks: list[str], question: str) -> Prompt:
@@ -164,21 +152,10 @@ class KVBlend:
             cache, logits = full_prefill(self.model, ids)
             stats.tokens_recomputed = 0
         else:
-            spans = []
-            found: list[bool] = []  # per chunk, in prompt order: a usable cache was in the store
-            for seg, start in zip(prompt.segments, prompt.starts()):
-                if seg.chunk is None:
-                    continue
-                kv = self._lookup(self.key_for(seg.ids), len(seg.ids))
-                found.append(kv is not None)
-                if kv is None:
-                    stats.chunk_misses += 1
-                else:
-                    stats.chunk_hits += 1
-                    recompute = partial(encode_chunk, self.adapter, self.context_ids, seg.ids, kv.key)
-                    spans.append(CachedSpan(start, with_recompute(kv, recompute)))
+            located = [(start, seg.ids, self.key_for(seg.ids)) for seg, start in zip(prompt.segments, prompt.starts())
+                       if seg.chunk is not None]
+            spans, found = cached_spans(self.store, self.adapter, self.context_ids, located, self.config.store.prefetch_layers)
             sources = [s.kv for s in spans]
-            start_prefetch(sources, self.config.store.prefetch_layers, self.adapter.device)
             if method == "blend":
                 config = choose_recompute_ratio(self.store, config or self.config.blend, sources, ids.numel(), self.adapter)
             stats.stages_s["lookup"] = time.perf_counter() - t0

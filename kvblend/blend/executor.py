@@ -34,6 +34,8 @@ from kvblend.kernels import (
 )
 from kvblend.models.adapter import LayerwiseModel
 
+REUSE = BlendConfig(recompute_ratio=0.0, check_layers=[])  # method "reuse": the cached KV as is, nothing recomputed
+
 
 class LayerSource(Protocol):
     """A chunk's cached KV, read one layer at a time (may fetch lazily)."""
