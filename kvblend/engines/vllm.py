@@ -7,7 +7,12 @@ token go to `vllm.LLM` with `kv_transfer_params` naming the hand-off, `KVBlendCo
 the prompt's KV into vLLM's paged cache, and vLLM decodes from the second token on, computing
 only the first token's step. Baselines run on vLLM too, so comparisons are like for like: `full`
 is plain vLLM prefill (prefix caching off, no hand-off); `prefix` uses a second `LLM` with
-automatic prefix caching. See docs/vllm.md.
+automatic prefix caching.
+
+With `in_worker=True` the blend runs in vLLM's worker instead, on vLLM's own modules and weights
+(vLLM started with `load_format="kvblend"`): a blended request carries a plan (`vllm_blend`) in
+place of a hand-off, the worker's connector blends it and writes its fused KV, and vLLM computes
+the last prompt token and the first token. See docs/vllm.md.
 """
 from __future__ import annotations
 
@@ -23,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kvblend.blend.executor import REUSE
 from kvblend.config import BlendConfig
 from kvblend.engines.sampling import Sampling
+from kvblend.engines.vllm_blend import PLAN, make_plan
 from kvblend.engines.vllm_handoff import PARAM, HandoffDir, blend_salt
+from kvblend.engines.vllm_plugin import LOAD_FORMAT
 from kvblend.models import resolve_model
 from kvblend.results import METHODS, RequestStats, TokenEvent
 
@@ -77,19 +85,32 @@ def connector_config(handoff_dir: str, save_dir: str | None = None) -> dict[str,
 
 @dataclass
 class Prepared:
-    """A request ready for vLLM: its prompt ids and, when blended, its hand-off key and the
-    blend's last-token logits."""
+    """A request ready for vLLM: its prompt ids and, when blended here, its hand-off key and the
+    blend's last-token logits, or, when blended in vLLM's worker, its plan."""
 
     ids: list[int]
     stats: RequestStats
     handoff_key: str | None = None
     logits: torch.Tensor | None = None
     tokens: list[int] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
+
+    @property
+    def blend_key(self) -> str | None:
+        """What names the request's blended KV (its `cache_salt` is `blend_salt` of it), if any."""
+        return self.handoff_key or (self.plan["id"] if self.plan else None)
+
+    def transfer_params(self) -> dict[str, Any] | None:
+        """The request's `kv_transfer_params` for kvblend's connector."""
+        if self.plan is not None:
+            return {PLAN: self.plan}
+        return {PARAM: self.handoff_key} if self.handoff_key else None
 
 
 def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str, method: str,
-            config: BlendConfig | None, max_model_len: int) -> Prepared:
-    """Build the prompt; for blend/reuse with at least one cached chunk, blend into a hand-off file.
+            config: BlendConfig | None, max_model_len: int, in_worker: bool = False) -> Prepared:
+    """Build the prompt; for blend/reuse with at least one cached chunk, blend into a hand-off file
+    (`in_worker`: plan the blend that vLLM's worker runs; chunks missing by then are fresh text there).
 
     With no chunk in the store, blending would be a slow full prefill, so vLLM prefills instead.
     A prompt over vLLM's max_model_len goes to vLLM untouched, which rejects it with its own error.
@@ -103,6 +124,10 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
     chunk_ids = [seg.ids for seg in prompt.segments if seg.chunk is not None]
     if method in ("blend", "reuse") and len(ids) <= max_model_len:
         if any(kb.store.contains(kb.key_for(c)) for c in chunk_ids):
+            if in_worker:
+                plan = make_plan(kb, prompt, REUSE if method == "reuse" else config or kb.config.blend)
+                stats.stages_s["prepare"] = time.perf_counter() - t0
+                return Prepared(ids, stats, plan=plan)
             m = kb.adapter
             with handoff.filling(ids, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype) as (key, layers):
                 pre = kb.prefill(chunks, question, method, config, prompt=prompt, kv_out=layers)  # blends into the file
@@ -123,19 +148,28 @@ class VLLMEngine:
     With `prefix_caching`, the connector's `LLM` also keeps vLLM's prefix cache for exact requests
     (blended blocks never enter it: `blend_salt`); it is off by default so that `full` measures a
     plain prefill, and `prefix` gets its own `LLM`.
+
+    `in_worker` (opt-in) blends in vLLM's worker on vLLM's weights (load format `kvblend`); the
+    worker opens the store from `kb.config.store`, so that needs a disk or remote tier (a store
+    object handed to `KVBlend` is not visible there). The first token then comes from vLLM.
     """
 
     methods = METHODS
 
     def __init__(self, kb: "KVBlend", kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_model_len: int | None = None,
                  handoff_dir: str | None = None, save_dir: str | None = None, prefix_caching: bool = False,
-                 **llm_options: Any):
-        self.kb = kb
+                 in_worker: bool = False, **llm_options: Any):
+        if in_worker and not (kb.config.store.disk_dir or kb.config.store.remote_url):
+            raise ValueError("in_worker: vLLM's worker opens the store from kb.config.store, which needs a disk or "
+                             "remote tier (an in-memory store there would be another, empty one)")
+        self.kb, self.in_worker = kb, in_worker
         self.handoff = HandoffDir(handoff_dir)
         self.handoff.clear_spares()  # left by a process that was killed
         self.save_dir = save_dir
         self._options = dict(model=resolve_model(kb.config.model), dtype=kb.config.dtype, seed=0,
                              kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len) | llm_options
+        if in_worker:
+            self._options["load_format"] = LOAD_FORMAT
         self.llm = self._start(prefix_caching, connector=True)
         self._prefix_llm = None
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
@@ -203,7 +237,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        extra = {"kv_transfer_params": {PARAM: prepared.handoff_key}} if prepared.handoff_key else None
+        params = prepared.transfer_params()
+        extra = {"kv_transfer_params": params} if params else None
         return SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                               seed=sampling.seed if sampling.temperature > 0 else None,
                               stop_token_ids=sorted(self.kb.stop_ids), output_kind=RequestOutputKind.DELTA,
@@ -213,8 +248,8 @@ class VLLMEngine:
             config: BlendConfig | None, keep_prefill: bool = False) -> Iterator[TokenEvent]:
         """Prepare and submit each request in turn (vLLM starts on one while the next blends), then
         yield each request's new tokens as they come. A blended request's first token comes from the
-        blend's logits as soon as it ends. TTFT counts from the batch's start. vLLM keeps no
-        prefill to hand back, so `keep_prefill` is ignored."""
+        blend's logits as soon as it ends (in_worker: from vLLM). TTFT counts from the batch's
+        start. vLLM keeps no prefill to hand back, so `keep_prefill` is ignored."""
         from vllm.inputs import TokensPrompt
 
         llm = self._llm_for(method)
@@ -225,7 +260,7 @@ class VLLMEngine:
         unfinished: set[str] = set()
         try:
             for i, (chunks, question) in enumerate(requests):
-                p = prepare(self.kb, self.handoff, chunks, question, method, config, self.max_model_len)
+                p = prepare(self.kb, self.handoff, chunks, question, method, config, self.max_model_len, self.in_worker)
                 prepared.append(p)
                 prompt, max_tokens, first = p.ids, max_new_tokens, []
                 if p.logits is not None:
@@ -236,7 +271,7 @@ class VLLMEngine:
                         max_tokens = 0  # done: nothing left for vLLM to decode
                 if max_tokens > 0:
                     req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
-                    salt = {"cache_salt": blend_salt(p.handoff_key)} if p.handoff_key else {}
+                    salt = {"cache_salt": blend_salt(p.blend_key)} if p.blend_key else {}
                     engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt, **salt), self._sampling_params(max_tokens, sampling, p))
                     running[req_id] = (i, p)
                     unfinished.add(req_id)

@@ -16,7 +16,14 @@ through untouched. Worker side: the fused KV is written into the paged cache lay
 CUDA FlashAttention). A hand-off that cannot be read is reported as failed blocks and vLLM
 recomputes them. vLLM's prefix caching may stay on: blended requests carry their hand-off's
 `cache_salt` (`blend_salt`), so blocks filled from a hand-off never match an exact request, and a
-hand-off named without its salt is ignored. Optional save path: a request with `kvblend_save: true` has its prompt KV
+hand-off named without its salt is ignored.
+
+In-worker blend: a request whose `kv_transfer_params` carry a blend plan (`vllm_blend.PLAN`) in
+place of a hand-off is blended here, in `start_load_kv`, one request after another before the
+step's forward, on the model vLLM loaded (vLLM started with `load_format="kvblend"`; see
+`vllm_blend`), and its fused KV goes through the same layer-by-layer write. A blend that fails
+(no kvblend load format, a store that cannot be opened, any error) is reported as failed blocks:
+vLLM recomputes the request. Optional save path: a request with `kvblend_save: true` has its prompt KV
 (all tokens but the last) written to `save_dir` in the hand-off format; the response's
 `kv_transfer_params` carries the file's key as `kvblend_saved`.
 """
@@ -31,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
+from kvblend.engines.vllm_blend import PLAN, WorkerBlender, plan_tokens
 from kvblend.engines.vllm_handoff import PARAM, HandoffDir, HandoffHeader, blend_salt, is_handoff_key, layer_kv, prompt_digest
 from kvblend.engines.vllm_layout import gather_tokens, probe_block_layout
 
@@ -56,13 +64,15 @@ def layer_index(layer_name: str) -> int:
 
 @dataclass
 class LoadSpec:
-    """Write hand-off tokens start..end-1 of a request into its blocks."""
+    """Write tokens start..end-1 of a request's hand-off (`key`), or of its blend plan's fused KV
+    (`plan`, whose id is `key`), into its blocks."""
 
     req_id: str
     key: str
     start: int
     end: int
     block_ids: list[int] = field(default_factory=list)
+    plan: dict[str, Any] | None = None
 
 
 @dataclass
@@ -113,6 +123,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._layers: dict[str, Any] = {}
         self._active: list[_ActiveLoad] = []
         self._failed_blocks: set[int] = set()
+        self._blender = WorkerBlender()
         self._layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saving: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -121,24 +132,34 @@ class KVBlendConnector(KVConnectorBase_V1):
         return False  # saves are best effort: a dropped one is a future miss
 
     # -- scheduler side -------------------------------------------------------------------------
-    def _matching_handoff(self, request: "Request") -> tuple[str, int] | None:
-        """(key, tokens it covers) when the request names a hand-off of tokens its prompt starts with."""
-        key = (request.kv_transfer_params or {}).get(PARAM)
-        if key is None:
-            return None
+    def _matching(self, request: "Request") -> tuple[str, int, dict[str, Any] | None] | None:
+        """(key, tokens it covers, plan or None) when the request names a hand-off, or carries a
+        blend plan, of tokens its prompt starts with."""
+        params = request.kv_transfer_params or {}
         prompt = list(request.prompt_token_ids or [])
-        header = self._handoff.header(key) if is_handoff_key(key) else None
-        if header is None or not 0 < header.num_tokens <= len(prompt) or prompt_digest(prompt[: header.num_tokens]) != header.digest:
-            log.warning("hand-off %r is missing or not for request %s's prompt: vLLM prefills it", key, request.request_id)
+        if PLAN in params:
+            plan = params[PLAN]
+            ids = plan_tokens(plan)
+            if ids is None or len(ids) > len(prompt) or prompt[: len(ids)] != ids:
+                log.warning("request %s's blend plan is malformed or not for its prompt: vLLM prefills it", request.request_id)
+                return None
+            key, covered = plan["id"], len(ids)
+        elif (key := params.get(PARAM)) is not None:
+            header = self._handoff.header(key) if is_handoff_key(key) else None
+            if header is None or not 0 < header.num_tokens <= len(prompt) or prompt_digest(prompt[: header.num_tokens]) != header.digest:
+                log.warning("hand-off %r is missing or not for request %s's prompt: vLLM prefills it", key, request.request_id)
+                return None
+            plan, covered = None, header.num_tokens
+        else:
             return None
         if self._prefix_caching and request.cache_salt != blend_salt(key):
-            log.warning("request %s names hand-off %r without its cache_salt: with prefix caching on, its blended "
+            log.warning("request %s names blend %r without its cache_salt: with prefix caching on, its blended "
                         "blocks could serve exact requests, so vLLM prefills it", request.request_id, key)
             return None
-        return key, min(header.num_tokens, len(prompt) - 1)
+        return key, min(covered, len(prompt) - 1), plan
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        match = self._matching_handoff(request)
+        match = self._matching(request)
         if match is None:
             return 0, False
         return max(0, match[1] - num_computed_tokens), False
@@ -147,10 +168,11 @@ class KVBlendConnector(KVConnectorBase_V1):
         prompt = list(request.prompt_token_ids or [])
         end = len(prompt) - 1
         if num_external_tokens > 0:
-            match = self._matching_handoff(request)
+            match = self._matching(request)
             if match is not None:
-                key, covered = match
-                self._loads[request.request_id] = LoadSpec(request.request_id, key, covered - num_external_tokens, covered)
+                key, covered, plan = match
+                self._loads[request.request_id] = LoadSpec(request.request_id, key, covered - num_external_tokens, covered,
+                                                           plan=plan)
         wants_save = (request.kv_transfer_params or {}).get(SAVE_PARAM)
         if wants_save and self._save_dir is not None and end > 0 and request.request_id not in self._saves:
             self._saves[request.request_id] = SaveSpec(request.request_id, uuid.uuid4().hex, end, prompt_digest(prompt[:end]), len(prompt))
@@ -198,10 +220,10 @@ class KVBlendConnector(KVConnectorBase_V1):
         if self._active or not meta.loads:
             return  # called again after the forward (async-load hook); our loads are synchronous
         for spec in meta.loads:
-            try:
-                reader = self._handoff.open(spec.key)
-            except Exception as exc:  # gone or damaged: vLLM recomputes these blocks
-                log.warning("hand-off %s unreadable (%s): vLLM recomputes request %s", spec.key, exc, spec.req_id)
+            try:  # a plan is blended here, one request after another, before the step's forward
+                reader = self._handoff.open(spec.key) if spec.plan is None else self._blender.fused_kv(spec.plan)
+            except Exception as exc:  # gone, damaged or not blendable: vLLM recomputes these blocks
+                log.warning("blend %s unusable (%s): vLLM recomputes request %s", spec.key, exc, spec.req_id)
                 self._fail(spec)
                 continue
             pos = torch.arange(spec.start, spec.end)
@@ -221,7 +243,7 @@ class KVBlendConnector(KVConnectorBase_V1):
                 layer.impl.do_kv_cache_update(layer, k.to(cache.device, cache.dtype), v.to(cache.device, cache.dtype),
                                               cache, load.slots.to(cache.device))
             except Exception as exc:
-                log.warning("hand-off %s layer %s failed (%s): vLLM recomputes request %s", load.spec.key, layer_name, exc, load.spec.req_id)
+                log.warning("blend %s layer %s failed (%s): vLLM recomputes request %s", load.spec.key, layer_name, exc, load.spec.req_id)
                 self._fail(load.spec)
                 load.pending.clear()
 
@@ -247,9 +269,9 @@ class KVBlendConnector(KVConnectorBase_V1):
     def wait_for_save(self):
         for load in self._active:
             if load.pending:  # the layer hooks never ran for these layers: do not trust the cache
-                log.error("hand-off %s: layers %s were not loaded; vLLM recomputes", load.spec.key, sorted(load.pending))
+                log.error("blend %s: layers %s were not loaded; vLLM recomputes", load.spec.key, sorted(load.pending))
                 self._fail(load.spec)
-        keys = {load.spec.key for load in self._active}
+        keys = {load.spec.key for load in self._active if load.spec.plan is None}
         self._active = []  # drops the readers: no map of a released file is read again
         for key in keys:  # once per key: requests forked from one (n > 1) share their hand-off
             self._handoff.release(key)
@@ -264,6 +286,9 @@ class KVBlendConnector(KVConnectorBase_V1):
                 self._save_dir.save(spec.key, HandoffHeader(spec.num_tokens, spec.digest), keys, values)
             except OSError as exc:
                 log.warning("prompt KV of request %s not saved: %s", spec.req_id, exc)
+
+    def shutdown(self) -> None:
+        self._blender.close()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

@@ -1,0 +1,112 @@
+"""The in-worker blend's plan: what the kvblend process sends instead of a hand-off file, and what
+vLLM's worker does with it (docs/vllm.md, "Blending inside vLLM's worker").
+
+A plan travels in a request's `kv_transfer_params` under `PLAN`, as plain JSON data:
+
+- `ids`: the prompt token ids it was planned for (it serves a request whose prompt starts with them);
+- `spans`: each chunk's [start, length, key] in prompt order (`KVBlend.key_for` keys);
+- `context_ids`: the chunk encoding, the ids every chunk was encoded after (`KVBlend.context_ids`);
+- `question_start`, `blend` (the BlendConfig as a dict) and `store` (the StoreConfig as a dict);
+- `id`: a fresh id, whose `blend_salt` is the request's `cache_salt`.
+
+In the worker, `WorkerBlender` opens the store the plan names (once per store config), looks the
+chunks up (`kvblend.blend.lookup.cached_spans`: a missing, foreign or damaged chunk becomes fresh
+text, as in `KVBlend.prefill`; a span whose key is not this model's key for its tokens too) and
+runs `BlendExecutor` on `worker_model()`, vLLM's own modules and weights.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvblend.blend.chunks import chunk_key
+from kvblend.blend.executor import BlendExecutor
+from kvblend.blend.lookup import cached_spans
+from kvblend.config import BlendConfig, StoreConfig
+from kvblend.store import KVStore, choose_recompute_ratio, open_store
+
+if TYPE_CHECKING:
+    from kvblend.api import KVBlend
+    from kvblend.blend.plan import Prompt
+
+log = logging.getLogger(__name__)
+PLAN = "kvblend_plan"  # the kv_transfer_params field that carries a request's blend plan
+
+
+def make_plan(kb: "KVBlend", prompt: "Prompt", config: BlendConfig) -> dict[str, Any]:
+    """The plan of blending `prompt` (built by `kb.build_prompt`) with `config` in vLLM's worker."""
+    spans = [[start, len(seg.ids), kb.key_for(seg.ids)] for seg, start in zip(prompt.segments, prompt.starts())
+             if seg.chunk is not None]
+    return {"id": uuid.uuid4().hex, "ids": list(prompt.ids), "spans": spans, "context_ids": list(kb.context_ids),
+            "question_start": prompt.starts()[-1], "blend": config.model_dump(mode="json"),
+            "store": kb.config.store.model_dump(mode="json")}
+
+
+def plan_tokens(plan: object) -> list[int] | None:
+    """The prompt ids a plan from a request body covers, or None if it is not a well-formed plan."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("id"), str):
+        return None
+    ids = plan.get("ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+        return None
+    return ids
+
+
+class FusedKV:
+    """A blend's fused KV (per layer [kv_heads, N, head_dim]) read as a hand-off file is (`layer_kv`)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self._tensors = {f"k.{i}": k for i, k in enumerate(keys)} | {f"v.{i}": v for i, v in enumerate(values)}
+
+    def get_slice(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+class WorkerBlender:
+    """Runs plans in vLLM's worker on the model vLLM loaded (`worker_model()`), with the stores they name."""
+
+    def __init__(self):
+        self._stores: dict[str, tuple[StoreConfig, KVStore]] = {}
+        self._executor: BlendExecutor | None = None
+
+    def _store(self, spec: dict[str, Any]) -> tuple[StoreConfig, KVStore]:
+        """The store a plan names and its config, opened on first use."""
+        name = json.dumps(spec, sort_keys=True)
+        if name not in self._stores:
+            config = StoreConfig.model_validate(spec)
+            self._stores[name] = config, open_store(config)
+        return self._stores[name]
+
+    def fused_kv(self, plan: dict[str, Any]) -> FusedKV:
+        """Blend the plan's prompt; its fused KV, keys rotated at absolute positions."""
+        from kvblend.engines.vllm_plugin import worker_model
+
+        m = worker_model()
+        if self._executor is None:
+            self._executor = BlendExecutor(m)
+        ids, context_ids = plan["ids"], plan["context_ids"]
+        store_config, store = self._store(plan["store"])
+        located = []
+        for start, length, key in plan["spans"]:
+            chunk_ids = ids[start : start + length]
+            if chunk_key(m.fingerprint, context_ids, chunk_ids, m.dtype) == key:
+                located.append((start, chunk_ids, key))
+            else:
+                log.warning("plan %s: chunk %s is not this model's key for its tokens: computed as fresh text", plan["id"], key)
+        spans, found = cached_spans(store, m, context_ids, located, store_config.prefetch_layers)
+        tokens = torch.tensor(ids, device=m.device)
+        config = choose_recompute_ratio(store, BlendConfig.model_validate(plan["blend"]), [s.kv for s in spans], len(ids), m)
+        out = self._executor.run(tokens, spans, plan["question_start"], config)
+        log.debug("plan %s: %d of %d chunks from the store", plan["id"], sum(found), len(plan["spans"]))
+        return FusedKV(out.keys, out.values)
+
+    def close(self) -> None:
+        """Land the stores' background writes and close them."""
+        for _, store in self._stores.values():
+            getattr(store, "close", lambda: None)()
+        self._stores.clear()
+

@@ -1,0 +1,117 @@
+"""The blend inside vLLM's worker (`VLLMEngine(kb, in_worker=True)`) on the real default model
+(SmolLM2-135M, fp32, CPU, eager, a small KV cache): blended requests carry a plan, the worker's
+connector opens the store, blends on vLLM's own modules and writes the fused KV into vLLM's blocks.
+
+One `LLM` for the module. Compared token for token with the transformers engine's blend and with
+vLLM's own full prefill, on MuSiQue records (3 chunks each).
+"""
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
+
+from tiny import make_tiny_model  # noqa: E402
+
+from kvblend import BlendConfig, KVBlend  # noqa: E402
+from kvblend.config import KVBlendConfig  # noqa: E402
+from kvblend.engines.vllm import VLLMEngine  # noqa: E402
+from kvblend.eval.datasets import load_dataset  # noqa: E402
+from kvblend.store import StoreConfig  # noqa: E402
+
+pytestmark = pytest.mark.real_model
+TOKENS = 10
+BLEND = BlendConfig(recompute_ratio=0.15)
+
+
+class Held:
+    """Holds the engine (whose `LLM`'s repr, which pytest takes for a failure report, is an RPC)."""
+
+    def __init__(self, engine: VLLMEngine, records):
+        self.engine, self.records = engine, records
+        self.kb = engine.kb  # answers through transformers
+        self.vllm = engine.kb.with_engine(engine)  # answers through vLLM, blending in its worker
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory):
+    records = load_dataset("musique-dev", top_k=3, limit=2)
+    store = StoreConfig(disk_dir=str(tmp_path_factory.mktemp("worker_blend") / "store"), cpu_bytes=0, codec="raw",
+                        async_writes=False)
+    kb = KVBlend(config=KVBlendConfig(store=store))
+    kb.precompute([c for r in records for c in r.chunks])
+    with VLLMEngine(kb, kv_cache_bytes=256 << 20, max_model_len=2048, handoff_dir=str(tmp_path_factory.mktemp("handoff")),
+                    in_worker=True, enforce_eager=True) as engine:
+        yield Held(engine, records)
+    kb.close()
+
+
+def hf_tokens(held: Held, record, method: str = "blend", config: BlendConfig | None = BLEND) -> list[int]:
+    """The transformers engine's greedy tokens for a record."""
+    return held.kb.generate(record.chunks, record.question, max_new_tokens=TOKENS, method=method,
+                            config=config if method == "blend" else None).token_ids
+
+
+def test_blend_in_the_worker_gives_the_hf_engine_tokens(held):
+    """Invariant 5 with the blend in vLLM's worker: the transformers engine's greedy tokens; every
+    prompt token but the last came from the fused KV (vLLM computed the last one). On record 1 the
+    blend's tokens are not a full prefill's, so a blend that fell back to vLLM's prefill would show."""
+    results = held.vllm.generate_many([(r.chunks, r.question) for r in held.records], max_new_tokens=TOKENS, config=BLEND)
+    for record, result in zip(held.records, results):
+        assert result.token_ids == hf_tokens(held, record)
+        assert result.stats.engine_cached_tokens == result.stats.tokens_total - 1
+    assert results[1].token_ids != hf_tokens(held, held.records[1], "full")
+
+
+def test_reuse_in_the_worker_gives_the_hf_engine_tokens(held):
+    r = held.records[1]
+    result = held.vllm.generate(r.chunks, r.question, max_new_tokens=TOKENS, method="reuse")
+    assert result.token_ids == hf_tokens(held, r, "reuse") != hf_tokens(held, r, "full")
+
+
+def test_full_recompute_in_the_worker_gives_vllms_full_prefill(held):
+    """Invariant 1: r = 1 in the worker reproduces vLLM's own prefill token for token."""
+    r = held.records[1]
+    full = held.vllm.generate(r.chunks, r.question, max_new_tokens=TOKENS, method="full")
+    blend = held.vllm.generate(r.chunks, r.question, max_new_tokens=TOKENS, config=BlendConfig(recompute_ratio=1.0))
+    assert full.stats.engine_cached_tokens == 0 and blend.stats.engine_cached_tokens == blend.stats.tokens_total - 1
+    assert blend.token_ids == full.token_ids
+
+
+@pytest.mark.parametrize("lost", [1, 2])
+def test_chunk_deleted_after_precompute_is_computed_fresh(held, lost):
+    """A chunk gone from the store when the worker looks it up becomes fresh text there: the
+    transformers engine's tokens under the same miss. On record 1, losing chunk 2 changes the
+    blend's tokens (so the stale chunk was not used) and losing chunk 1 leaves them unlike a full
+    prefill's (so the worker still blended)."""
+    kb, r = held.kb, held.records[1]
+    present = hf_tokens(held, r)
+    kb.store.serialized[0].path(kb.key_for(kb.builder.encode(r.chunks[lost]))).unlink()  # the disk tier, the only one
+    try:
+        result = held.vllm.generate(r.chunks, r.question, max_new_tokens=TOKENS, config=BLEND)
+        expected = kb.generate(r.chunks, r.question, max_new_tokens=TOKENS, config=BLEND)
+        assert expected.stats.chunk_misses == 1 and expected.stats.chunk_hits == 2
+        assert result.stats.engine_cached_tokens == result.stats.tokens_total - 1
+        assert result.token_ids == expected.token_ids
+        if lost == 2:
+            assert expected.token_ids != present
+        else:
+            assert expected.token_ids != hf_tokens(held, r, "full")
+    finally:
+        kb.precompute(r.chunks)
+
+
+def test_request_without_a_plan_in_the_same_batch_is_untouched(held):
+    """In one batch, a blended request and one none of whose chunks is stored (no plan: vLLM
+    prefills it) each get their own tokens: the blend's and vLLM's full prefill's."""
+    r = held.records[1]
+    unstored = (["The lighthouse keeper painted the stairs green in spring and red again in autumn."], r.question)
+    blended, plain = held.vllm.generate_many([(r.chunks, r.question), unstored], max_new_tokens=TOKENS, config=BLEND)
+    assert plain.stats.engine_cached_tokens == 0
+    assert plain.token_ids == held.vllm.generate(*unstored, max_new_tokens=TOKENS, method="full").token_ids
+    assert blended.token_ids == hf_tokens(held, r)
+
+
+def test_in_worker_needs_a_store_the_worker_can_open(tmp_path):
+    """The worker opens the store from its config: an in-memory store there would be another, empty one."""
+    kb = KVBlend(model=str(make_tiny_model(tmp_path / "llama", "llama")))
+    with pytest.raises(ValueError, match="disk or remote tier"):
+        VLLMEngine(kb, in_worker=True)
