@@ -184,7 +184,7 @@ def test_hits_count_what_the_blend_reused(tiny_models, tmp_path):
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_hits_count_nothing_reused_when_redis_dies_mid_request(tiny_models, tmp_path, monkeypatch):
     """Redis answers the lookups, then dies before the layers are read: every chunk is recomputed, and counted a miss."""
-    import kvblend.api
+    import kvblend.blend.lookup
     from kvblend import KVBlend
     from kvblend.config import KVBlendConfig, StoreConfig
     from test_faults import RedisServer
@@ -197,8 +197,8 @@ def test_hits_count_nothing_reused_when_redis_dies_mid_request(tiny_models, tmp_
         settings = KVBlendConfig(model=str(tiny_models["llama"]), store=config)
         with KVBlend(config=settings) as kb:
             kb.precompute(chunks)
-        start_prefetch = kvblend.api.start_prefetch
-        monkeypatch.setattr(kvblend.api, "start_prefetch", lambda *a: (server.kill(), start_prefetch(*a))[1])
+        start_prefetch = kvblend.blend.lookup.start_prefetch
+        monkeypatch.setattr(kvblend.blend.lookup, "start_prefetch", lambda *a: (server.kill(), start_prefetch(*a))[1])
         with KVBlend(config=settings) as kb:
             result = kb.generate(chunks, "How many bells?", max_new_tokens=1)
         assert (result.stats.chunk_hits, result.stats.chunk_misses, result.stats.reused) == (0, 3, [False] * 3)
