@@ -112,6 +112,30 @@ def test_eval_writes_the_documented_json(tiny_models, tmp_path):
     assert methods["reuse"]["kl_tf"] > 0
 
 
+def test_eval_json_holds_each_finished_record_while_the_run_goes_on(tiny_models, tmp_path, monkeypatch):
+    from kvblend.eval import runner as eval_runner
+
+    out, seen = tmp_path / "eval.json", []
+    real = eval_runner.kl_divergence
+
+    def watching(*args):  # called while a record is being scored: look at what the file holds so far
+        seen.append(len(json.loads(out.read_text())["records"]["full"]) if out.exists() else 0)
+        return real(*args)
+
+    monkeypatch.setattr(eval_runner, "kl_divergence", watching)
+    data = [{"question": "What is the cat called?", "answers": ["Biscuit"],
+             "ctxs": [{"title": "Cats", "text": c} for c in CHUNKS]} for _ in range(3)]
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(data))
+    res = runner.invoke(app, ["eval", str(ds), "--model", str(tiny_models["qwen3"]), "--top-k", "2", "--max-new-tokens", "2",
+                              "--methods", "full,reuse", "--json", str(out), "--chunk-context", "bos"])
+    assert res.exit_code == 0, res.output
+    assert seen == [0, 0, 1, 1, 2, 2]  # full and reuse scored per record; finished records are on disk
+    final = json.loads(out.read_text())
+    assert len(final["records"]["reuse"]) == 3 and final["methods"]["reuse"]["kl_tf"] > 0
+    assert not list(tmp_path.glob("*.partial"))
+
+
 def test_eval_rejects_an_unknown_method(tiny_models, datasets):
     res = runner.invoke(app, ["eval", str(datasets / "cacheblend" / "1.json"), "--model", str(tiny_models["llama"]),
                               "--methods", "full,magic"])

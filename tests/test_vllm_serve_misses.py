@@ -47,5 +47,5 @@ def test_encoding_misses_does_not_hold_up_the_next_request(real_server):
     assert headers["chunk-hits"] == "1"
     assert latency < 2 * alone + 1.0, (latency, alone)  # before: the whole queue's encoding (47x on a loaded 2-core host)
     assert int(headers["queued-misses"]) > 0  # it went ahead of the background work, not after all of it
-    assert float(headers["wait-seconds"]) < alone  # at most one chunk's encoding, not the queue's
+    assert float(headers["wait-seconds"]) < 2 * alone + 1.0  # at most a chunk's encoding, not the queue's (tens of s)
     assert float(headers["prepare-seconds"]) >= float(headers["wait-seconds"])  # the header counts the wait

@@ -63,7 +63,7 @@ def eval_command(
     from kvblend.eval.datasets import load_dataset, resolve_dataset
     from kvblend.eval.frontier import frontier_methods, parse_ratios, plot_frontier
     from kvblend.eval.methods import parse_methods
-    from kvblend.eval.runner import evaluate
+    from kvblend.eval.runner import EvalReport, evaluate
 
     try:
         path = resolve_dataset(dataset)
@@ -84,10 +84,24 @@ def eval_command(
             specs = parse_methods(methods, kb.config.blend)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--ratios" if "--ratios" in str(exc) else "--methods")
+        def write_json(report: EvalReport, summary: dict | None) -> None:
+            """The results so far (summary None: a partial run, records only), so a long eval loses nothing."""
+            config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "shuffle_seed": shuffle_seed, "engine": engine,
+                      "max_new_tokens": max_new_tokens, "kvblend": kb.config.model_dump(), "threads": threads}
+            per_record = {name: [vars(r) for r in rows] for name, rows in report.methods.items()}
+            tmp = json_out.with_name(json_out.name + ".partial")
+            tmp.write_text(json.dumps({"methods": summary, "config": config, "records": per_record}, indent=2))
+            tmp.replace(json_out)
+
+        def after_record(index: int, report: EvalReport) -> None:
+            progress.advance(task)
+            if json_out and index + 1 < len(records):
+                write_json(report, None)
+
         with Progress(console=console) as progress:
             task = progress.add_task(f"eval {len(records)} records x {len(specs)} methods", total=len(records))
             try:
-                report = evaluate(kb, records, specs, max_new_tokens, on_record=lambda i: progress.advance(task), shuffle_seed=shuffle_seed)
+                report = evaluate(kb, records, specs, max_new_tokens, on_record=after_record, shuffle_seed=shuffle_seed)
             except ValueError as exc:  # a record the model cannot take (too long for its context, an empty chunk)
                 console.print(f"[red]error:[/red] {escape(str(exc))}")
                 raise typer.Exit(2)
@@ -113,7 +127,4 @@ def eval_command(
             plot_frontier(summary, specs, plot, f"{dataset}: {len(records)} records, {kb.config.model}")
             console.print(f"frontier plot: {plot}")
         if json_out:
-            config = {"dataset": str(dataset), "limit": limit, "top_k": top_k, "shuffle_seed": shuffle_seed, "engine": engine, "max_new_tokens": max_new_tokens,
-                      "kvblend": kb.config.model_dump(), "threads": threads}
-            per_record = {name: [vars(r) for r in rows] for name, rows in report.methods.items()}
-            json_out.write_text(json.dumps({"methods": summary, "config": config, "records": per_record}, indent=2))
+            write_json(report, summary)

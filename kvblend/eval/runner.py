@@ -92,7 +92,7 @@ def evaluate(
     methods: list[MethodSpec],
     max_new_tokens: int = 32,
     tf_tokens: int = 16,
-    on_record: Callable[[int], None] | None = None,
+    on_record: Callable[[int, EvalReport], None] | None = None,
     shuffle_seed: int | None = None,
 ) -> EvalReport:
     """Run `methods` (the first must be full) on `records`; returns per-record rows per method.
@@ -100,7 +100,7 @@ def evaluate(
     With `shuffle_seed`, chunks are precomputed in dataset order and every method is asked them in
     one shuffled order per record, so cached prefixes rarely match. Methods decode on `kb.engine`;
     KL needs the prefill's logits, so it is NaN on an engine that keeps none (vLLM returns no full
-    distributions).
+    distributions). `on_record(index, report so far)` runs after each record.
     """
     if methods[0].method != "full":
         raise ValueError("the first method must be full (the reference)")
@@ -148,5 +148,5 @@ def evaluate(
                 )
             )
         if on_record:
-            on_record(idx)
+            on_record(idx, report)
     return report
