@@ -30,6 +30,25 @@ def test_dry_run_prints_every_codecs_size_and_a_measured_time(tiny_models, tmp_p
     assert not store.exists()
 
 
+def test_dry_run_times_the_encoding_the_real_run_will_use(tiny_models, tmp_path, monkeypatch):
+    from kvblend.cli import estimate as cli_estimate
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(" ".join(f"Fact {j}: the lamp {j} burns for {j * 3} hours." for j in range(40)))
+    used = []
+
+    def measured(encode, chunks):
+        used.append(encode.__self__.config.blend)
+        return 100.0
+
+    monkeypatch.setattr(cli_estimate, "measure_tokens_per_s", measured)
+    res = runner.invoke(app, ["precompute", str(docs), "--store", str(tmp_path / "store"), "--model", str(tiny_models["llama"]),
+                              "--chunk-tokens", "32", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert used[0].chunk_context == "primed" and "the lamp" in used[0].primer  # the corpus's primer, not the neutral one
+
+
 def test_estimate_divides_the_time_among_workers():
     est = Estimate(10_000, {"raw": 1, "int4": 2}, tokens_per_s=500.0, workers=4)
     assert est.seconds == 5.0

@@ -137,7 +137,7 @@ def precompute(
     if dry_run:
         from kvblend.cli.estimate import print_estimate
 
-        print_estimate(config, planned, spec.codec, model, device, dtype, threads, workers if ray else 1)
+        print_estimate(config, planned, spec.codec, model, device, dtype, threads, workers if ray else 1, encoding)
         return
     if not (spec.disk_dir or spec.remote_url):
         raise _fail(f"store {store!r} has no disk or remote tier: the chunks would be gone when this command ends")
