@@ -19,6 +19,8 @@ from kvblend.models import LayerwiseModel, load_model
 from kvblend.results import PREFILL_METHODS, GenerateResult, Method, Prefill, RequestStats
 from kvblend.store import ChunkKV, KVStore, choose_recompute_ratio, open_store
 
+ENGINES = ("hf", "vllm", "vllm-worker")  # vllm-worker: vLLM blending in its worker (docs/vllm.md)
+
 
 class KVBlend:
     """Blend-aware RAG generation over one model and one KV store.
@@ -27,7 +29,8 @@ class KVBlend:
     >>> kb.precompute(["chunk one ...", "chunk two ..."])
     >>> kb.generate(["chunk two ...", "chunk one ..."], "question?").text
 
-    engine="vllm" decodes with vLLM instead of transformers (the blend still runs here): docs/vllm.md.
+    engine="vllm" decodes with vLLM instead of transformers (the blend still runs here); "vllm-worker"
+    blends inside vLLM's worker on vLLM's weights (needs a store with a disk or remote tier): docs/vllm.md.
     Whatever the engine, `KVBlend` plans, prefills and builds the results; the engine turns
     requests into tokens (kvblend.engines.base).
     """
@@ -41,8 +44,8 @@ class KVBlend:
         config: KVBlendConfig | BlendConfig | None = None,
         engine: str = "hf",
     ):
-        if engine not in ("hf", "vllm"):
-            raise ValueError(f"unknown engine {engine!r}; choose hf or vllm")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if isinstance(config, BlendConfig):
             config = KVBlendConfig(blend=config)
         config = (config or KVBlendConfig()).model_copy()
@@ -69,10 +72,10 @@ class KVBlend:
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.engine: Engine = HFEngine(self)
-        if engine == "vllm":
+        if engine != "hf":
             from kvblend.engines.vllm import VLLMEngine
 
-            self.engine = VLLMEngine(self)
+            self.engine = VLLMEngine(self, in_worker=engine == "vllm-worker")
 
     def with_engine(self, engine: Engine) -> "KVBlend":
         """The same model, store and settings, answering through another engine (closing it closes that engine only)."""

@@ -115,3 +115,21 @@ def test_in_worker_needs_a_store_the_worker_can_open(tmp_path):
     kb = KVBlend(model=str(make_tiny_model(tmp_path / "llama", "llama")))
     with pytest.raises(ValueError, match="disk or remote tier"):
         VLLMEngine(kb, in_worker=True)
+
+
+def test_the_vllm_worker_engine_name_blends_in_the_worker(tmp_path):
+    """`KVBlend(engine="vllm-worker")` and `--engine vllm-worker` are this engine: with an in-memory
+    store they stop at the same check, before vLLM starts, and the command line says why."""
+    from typer.testing import CliRunner
+
+    from kvblend.cli import app
+
+    model = str(make_tiny_model(tmp_path / "llama", "llama"))
+    with pytest.raises(ValueError, match="disk or remote tier"):
+        KVBlend(model=model, engine="vllm-worker")
+    chunks = tmp_path / "chunks.json"
+    chunks.write_text('["The lamp burns all night."]')
+    res = CliRunner().invoke(app, ["generate", "--model", model, "--engine", "vllm-worker", "--chunks-file", str(chunks), "--question", "How long?"])
+    assert res.exit_code == 2 and "disk or remote tier" in " ".join(res.output.split()), res.output
+    res = CliRunner().invoke(app, ["generate", "--model", model, "--engine", "vllm-cpu", "--chunks-file", str(chunks), "--question", "How long?"])
+    assert res.exit_code == 2 and "unknown engine 'vllm-cpu'" in res.output and "vllm-worker" in res.output, res.output

@@ -15,7 +15,9 @@ ModelOpt = Annotated[str, typer.Option("--model", help="model alias (smollm2-135
 StoreOpt = Annotated[Optional[str], typer.Option("--store", help="KV store directory (default: in memory)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
-EngineOpt = Annotated[str, typer.Option("--engine", help=r"decoding engine: hf (transformers) or vllm (pip install 'kvblend\[vllm]')")]  # \[: literal, not rich markup
+EngineOpt = Annotated[str, typer.Option("--engine", help=(
+    r"decoding engine: hf (transformers), vllm (pip install 'kvblend\[vllm]') or vllm-worker (vLLM, blending in its "
+    r"worker on its weights; needs --store DIR)"))]  # \[: literal, not rich markup
 
 
 def recompute_ratio(value: str) -> float | str:
@@ -108,9 +110,10 @@ def make_kvblend(model: str, store: str | StoreConfig | None, device: str, dtype
     Commands use it as `with make_kvblend(...) as kb:` so the store's background writes land (and
     vLLM's processes stop) before the command returns."""
     from kvblend import BlendConfig, KVBlend, KVBlendConfig
+    from kvblend.api import ENGINES
 
-    if engine not in ("hf", "vllm"):
-        raise typer.BadParameter(f"unknown engine {engine!r} (available: hf, vllm)", param_hint="--engine")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"unknown engine {engine!r} (available: {', '.join(ENGINES)})", param_hint="--engine")
     try:
         cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
                             blend=BlendConfig(**blend))
