@@ -3,6 +3,8 @@ used by everything that reads it; another encoding is a clear miss, never a wron
 import json
 import logging
 
+import torch
+
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -71,3 +73,22 @@ def test_a_corpus_recorded_before_encodings_were_reads_as_bos(tiny_models, tmp_p
     kb = KVBlend(model=model, store=str(store))
     assert kb.config.blend.chunk_context == "bos" and kb.context_ids == [kb.tokenizer.bos_token_id]
     kb.close()
+
+
+def test_the_chunk_context_runs_once_and_chunks_keep_their_one_pass_kv(tiny_models):
+    """Chunks after a primer: the primer's forward runs once for all of them, and each chunk's KV is
+    the one a single forward over primer + chunk gives."""
+    from kvblend.blend import chunks as chunk_encoding
+
+    kb = KVBlend(model=str(tiny_models["llama"]), config=BlendConfig(chunk_context="primed", primer=RIVERS[0]))
+    embedded = []
+    embed = kb.adapter.embed
+    kb.adapter.embed = lambda ids: embedded.append(ids.numel()) or embed(ids)
+    ids = [kb.tokenizer(t, add_special_tokens=False)["input_ids"] for t in RIVERS[1:4]]
+    encoded = [chunk_encoding.encode_chunk(kb.adapter, kb.context_ids, c, "k") for c in ids]
+    assert embedded == [len(kb.context_ids)] + [len(c) for c in ids]
+    for c, kv in zip(ids, encoded):
+        one_pass = chunk_encoding._forward(kb.adapter, torch.tensor(kb.context_ids + c), 0, None)
+        for layer, (k, _, v) in enumerate(one_pass):
+            torch.testing.assert_close(kv.keys[layer], k[:, len(kb.context_ids):], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(kv.values[layer], v[:, len(kb.context_ids):], rtol=1e-5, atol=1e-5)
