@@ -24,10 +24,11 @@ from kvblend.eval.runner import EvalReport, MethodRow
 
 
 def load_run(spec: str) -> tuple[dict, EvalReport]:
-    """The config of the first file and every file's records, method by method, in order."""
+    """The config of the first file and every file's records, method by method, in order (the methods
+    every file has; a run stopped early keeps the records it finished)."""
     parts = [json.loads(Path(p).read_text()) for p in spec.split(",")]
     report = EvalReport({name: [MethodRow(**row) for part in parts for row in part["records"][name]]
-                         for name in parts[0]["records"]})
+                         for name in parts[0]["records"] if all(name in part["records"] for part in parts)})
     return parts[0]["config"], report
 
 
