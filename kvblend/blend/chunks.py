@@ -85,7 +85,8 @@ def _forward(adapter, ids: torch.Tensor, start: int, past: list[tuple[torch.Tens
 def _context_layers(adapter, context_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Per layer (rotated keys, values) of the chunk context, computed once per model and context;
     None when the context must run with each chunk (a RoPE whose table depends on the sequence length)."""
-    if not context_ids or rope_depends_on_length(getattr(getattr(adapter, "rotary", None), "rope_type", "default") or "default"):
+    rope_type = getattr(getattr(adapter, "rotary", None), "rope_type", None) or "default"  # vLLM's tables are fixed
+    if not context_ids or rope_depends_on_length(rope_type):
         return None
     held = _contexts.get(adapter)
     if held is None or held[0] != tuple(context_ids):
