@@ -45,7 +45,10 @@ def test_encoding_misses_does_not_hold_up_the_next_request(real_server):
     assert big["chunk-misses"] == "120"
     latency, headers = ask(real_server, [CACHED])  # at once: the 120 chunks are being encoded now
     assert headers["chunk-hits"] == "1"
-    assert latency < 2 * alone + 1.0, (latency, alone)  # before: the whole queue's encoding (47x on a loaded 2-core host)
-    assert int(headers["queued-misses"]) > 0  # it went ahead of the background work, not after all of it
-    assert float(headers["wait-seconds"]) < 2 * alone + 1.0  # at most a chunk's encoding, not the queue's (tens of s)
+    # Its blend finished while nearly all of the queue was still waiting: it went ahead of the background
+    # work instead of after it (before the fix it waited for all 120 encodings and this read 0).
+    assert int(headers["queued-misses"]) >= 100, headers
+    # Timing, loosely (2 shared cores also run vLLM's decode and the encoder's matmuls): a few quiet
+    # requests' worth, far from the whole queue's encoding (47x alone on a loaded host before the fix).
+    assert latency < 6 * alone + 3.0, (latency, alone)
     assert float(headers["prepare-seconds"]) >= float(headers["wait-seconds"])  # the header counts the wait
