@@ -1,5 +1,6 @@
 """Metrics, method specs and dataset loaders."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,12 @@ def test_oracle_methods_parse_and_need_the_transformers_engine():
     assert specs[1].config.recompute_ratio == 0.3
     with pytest.raises(ValueError, match="oracle-kv"):
         parse_methods("full,oracle-xx", BlendConfig())
+
+
+def test_load_percentiles_interpolate_between_ranks():
+    from kvblend.eval.load import percentile
+
+    xs = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(xs, 0.5) == 2.5 and percentile(xs, 0.0) == 1.0 and percentile(xs, 1.0) == 4.0
+    assert abs(percentile(xs, 0.99) - 3.97) < 1e-9
+    assert percentile([7.0], 0.99) == 7.0 and math.isnan(percentile([], 0.5))

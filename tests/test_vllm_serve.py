@@ -1,6 +1,7 @@
 """`kvblend serve` on a loopback port, driven with the openai client (tiny random model, fp32, CPU).
 
-One server for the whole module, eager (no torch.compile at start-up). Skipped where vLLM is not installed.
+One server per engine (`vllm`: blended in the server process and handed off; `vllm-worker`: blended
+inside vLLM's worker), eager (no torch.compile at start-up). Skipped where vLLM is not installed.
 """
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,8 +25,8 @@ TOKENS = 10
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["vllm", "vllm-worker"])
+def server(request, tmp_path_factory):
     """(openai client, transformers KVBlend over the same store); the server is stopped afterwards."""
     root = tmp_path_factory.mktemp("serve")
     folder = make_tiny_model(root / "model", "llama", head_dim=64, heads=4, kv_heads=2)
@@ -33,7 +34,7 @@ def server(tmp_path_factory):
     kb.precompute(CHUNKS)
     kb.store.flush()
     args = ["--model", str(folder), "--served-model-name", MODEL, "--store", str(root / "store"), "--kv-cache-bytes", "64MiB",
-            "--max-model-len", "1024", "--handoff-dir", str(root / "handoff"), "--enforce-eager"]
+            "--max-model-len", "1024", "--handoff-dir", str(root / "handoff"), "--enforce-eager", "--engine", request.param]
     with kvblend_serve(args, root, up_within_s=300) as base:
         yield openai.OpenAI(base_url=base, api_key="none", max_retries=0, timeout=120), kb
 
@@ -45,10 +46,12 @@ def chat(client, question, chunks, **kwargs):
         extra_body=extra, **kwargs)
 
 
-def test_chat_request_is_blended_and_matches_transformers(server):
+def test_chat_request_is_blended_and_matches_transformers(server, request):
     client, kb = server
     raw = chat(client, QUESTION, CHUNKS[::-1])
     assert raw.headers["x-kvblend-blended"] == "true" and raw.headers["x-kvblend-chunk-hits"] == "3"
+    in_worker = request.node.callspec.params["server"] == "vllm-worker"
+    assert ("x-kvblend-tokens-recomputed" in raw.headers) != in_worker  # the worker's blend is not counted here
     tokens = raw.parse().choices[0].token_ids
     assert tokens == kb.generate(CHUNKS[::-1], QUESTION, max_new_tokens=TOKENS).token_ids
 
@@ -95,3 +98,20 @@ def test_prompt_over_the_kv_cache_gets_vllms_error(server):
     with pytest.raises(openai.BadRequestError, match="maximum context length"):
         client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=2,
                                   extra_body={"kvblend": {"chunks": [c * 8 for c in CHUNKS]}})
+
+
+def test_load_generator_counts_every_request_at_each_level(server):
+    """`kvblend bench load`'s driver against the real server: every streamed request is answered and
+    timed at each level, and a request the server refuses is counted as failed, not as served."""
+    from kvblend.eval.datasets import Record
+    from kvblend.eval.load import run_load
+
+    client, _ = server
+    base = str(client.base_url)
+    records = [Record(CHUNKS, f"Question {i}: {QUESTION}") for i in range(4)]
+    rows = run_load(base, records, MODEL, "blend", [1, 3], max_tokens=4)
+    assert [(r.concurrency, r.requests, r.failed) for r in rows] == [(1, 4, 0), (3, 4, 0)]
+    assert all(0 < r.ttft_p50_s <= r.latency_p50_s and r.requests_per_s > 0 for r in rows)
+    too_long = Record([c * 8 for c in CHUNKS], QUESTION)  # over --max-model-len: vLLM answers 400
+    [row] = run_load(base, [records[0], too_long], MODEL, "blend", [1], max_tokens=4)
+    assert (row.requests, row.failed) == (2, 1)

@@ -133,3 +133,53 @@ def test_the_vllm_worker_engine_name_blends_in_the_worker(tmp_path):
     assert res.exit_code == 2 and "disk or remote tier" in " ".join(res.output.split()), res.output
     res = CliRunner().invoke(app, ["generate", "--model", model, "--engine", "vllm-cpu", "--chunks-file", str(chunks), "--question", "How long?"])
     assert res.exit_code == 2 and "unknown engine 'vllm-cpu'" in res.output and "vllm-worker" in res.output, res.output
+
+
+def test_the_store_is_the_servers_not_the_requests(tmp_path):
+    """A plan names no store (a client writing `kv_transfer_params` itself could otherwise make the
+    worker open any folder or Redis URL): the worker's blender reads the store of the connector's
+    config, and a plan reaching a connector configured without one fails (vLLM recomputes it)."""
+    from kvblend.engines.vllm import connector_config
+    from kvblend.engines.vllm_blend import WorkerBlender, make_plan
+
+    kb = KVBlend(model=str(make_tiny_model(tmp_path / "llama", "llama")), store=str(tmp_path / "store"))
+    plan = make_plan(kb, kb.build_prompt(["The lamp burns all night."], "How long?"), kb.config.blend)
+    assert "store" not in plan
+    extra = connector_config(str(tmp_path / "handoff"), store=kb.config.store)["kv_connector_extra_config"]
+    assert StoreConfig.model_validate(extra["store"]) == kb.config.store
+    assert "store" not in connector_config(str(tmp_path / "handoff"))["kv_connector_extra_config"]
+    with pytest.raises(RuntimeError, match="connector has no store"):
+        WorkerBlender(None).fused_kv(plan)
+
+
+def test_a_plan_the_worker_cannot_blend_is_recomputed_by_vllm(tmp_path):
+    """The scheduler side reports a planned prompt's tokens as computed externally; when the worker's
+    blend fails (here: a connector configured without a store), it reports those blocks failed and
+    vLLM recomputes them: the answer is vLLM's own full prefill's, not decoded from unwritten blocks."""
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    from kvblend.engines.vllm import connector_config
+    from kvblend.engines.vllm_blend import PLAN, make_plan
+    from kvblend.engines.vllm_handoff import blend_salt
+    from kvblend.engines.vllm_plugin import LOAD_FORMAT
+
+    folder = make_tiny_model(tmp_path / "llama", "llama", head_dim=64, heads=4, kv_heads=2)
+    kb = KVBlend(model=str(folder), store=str(tmp_path / "store"))
+    chunks = ["Alice keeps the spare key under the blue flowerpot.", "The train to Lyon leaves at seven in the morning."]
+    kb.precompute(chunks)
+    kb.store.flush()
+    prompt = kb.build_prompt(chunks, "Where is the spare key?")
+    plan = make_plan(kb, prompt, BLEND)
+    llm = LLM(model=str(folder), dtype="float32", seed=0, load_format=LOAD_FORMAT, enforce_eager=True, max_model_len=1024,
+              kv_cache_memory_bytes=64 << 20, enable_prefix_caching=False,
+              kv_transfer_config=KVTransferConfig(**connector_config(str(tmp_path / "handoff"))))
+    try:
+        greedy = dict(max_tokens=TOKENS, temperature=0)
+        planned = llm.generate(TokensPrompt(prompt_token_ids=prompt.ids, cache_salt=blend_salt(plan["id"])),
+                               SamplingParams(**greedy, extra_args={"kv_transfer_params": {PLAN: plan}}))
+        plain = llm.generate(TokensPrompt(prompt_token_ids=prompt.ids), SamplingParams(**greedy))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    assert list(planned[0].outputs[0].token_ids) == list(plain[0].outputs[0].token_ids)

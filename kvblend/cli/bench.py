@@ -67,3 +67,42 @@ def bench_ttft_command(
             json_out.write_text(json.dumps({"rows": [asdict(r) for r in rows], "config": kb.config.model_dump()}, indent=2))
         if plot_out:
             plot(rows, plot_out)
+
+
+@bench_app.command("load")
+def bench_load_command(
+    url: Annotated[str, typer.Argument(help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")],
+    dataset: Annotated[str, typer.Option(help="a bundled dataset's name or a file (musique-dev, cacheblend, ...)")] = "musique-dev",
+    limit: Annotated[int, typer.Option(min=1, help="records sent per concurrency level")] = 16,
+    top_k: Annotated[int, typer.Option(min=1, help="passages per record")] = 6,
+    shuffle_seed: Annotated[int, typer.Option(help="passages are sent in a shuffled order per record")] = 0,
+    method: Annotated[str, typer.Option(help="kvblend.method of every request: blend, reuse or full")] = "blend",
+    label: Annotated[Optional[str], typer.Option(help="the rows' name (default: the method), e.g. prefix")] = None,
+    concurrency: Annotated[str, typer.Option(help="comma list of requests in flight at once")] = "1,4,8",
+    max_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    served_model: Annotated[str, typer.Option("--served-model", help="the server's model name")] = "smollm2-135m",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="add the rows to this JSON list (created if missing)")] = None,
+):
+    """Requests/s and TTFT p50/p99 of a `kvblend serve` endpoint at each concurrency level."""
+    from kvblend.eval.datasets import load_dataset
+    from kvblend.eval.load import run_load
+    from kvblend.results import PREFILL_METHODS
+
+    if method not in PREFILL_METHODS:
+        raise typer.BadParameter(f"{method!r}: choose one of {', '.join(PREFILL_METHODS)}", param_hint="--method")
+    try:
+        records = load_dataset(dataset, top_k=top_k, limit=limit)
+        rows = run_load(url, records, served_model, method, _ints(concurrency), label, max_tokens, shuffle_seed)
+    except (ValueError, OSError, RuntimeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2)
+    table = Table(title=f"load on {url}")
+    for col in ("label", "concurrency", "requests", "failed", "req/s", "TTFT p50 (s)", "TTFT p99 (s)", "latency p50 (s)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.label, str(r.concurrency), str(r.requests), str(r.failed), f"{r.requests_per_s:.3f}",
+                      f"{r.ttft_p50_s:.3f}", f"{r.ttft_p99_s:.3f}", f"{r.latency_p50_s:.3f}")
+    console.print(table)
+    if json_out:
+        previous = json.loads(json_out.read_text()) if json_out.exists() else []
+        json_out.write_text(json.dumps(previous + [r.as_dict() for r in rows], indent=2))

@@ -25,6 +25,9 @@ def serve(
     max_model_len: Annotated[Optional[int], typer.Option(min=2, help="longest prompt + answer (default: the model's)")] = None,
     handoff_dir: Annotated[Optional[Path], typer.Option(help="where fused KV waits for vLLM's worker (default: /dev/shm)")] = None,
     precompute_misses: Annotated[bool, typer.Option(help="encode chunks missing from the store after answering")] = True,
+    engine: Annotated[str, typer.Option(help=(
+        "vllm: blend in this process, hand the fused KV to vLLM; vllm-worker: blend inside vLLM's worker on its "
+        "own weights (needs --store: the worker opens it)"))] = "vllm",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -37,26 +40,33 @@ def serve(
     from kvblend.config import BlendConfig, KVBlendConfig, parse_bytes
     from kvblend.engines.vllm import connector_config, tune_worker_environment
     from kvblend.engines.vllm_handoff import HandoffDir
+    from kvblend.engines.vllm_plugin import LOAD_FORMAT
     from kvblend.engines.vllm_serve import MIDDLEWARE, SETTINGS_ENV, run_vllm_server
     from kvblend.models import resolve_model
 
     try:
+        if engine not in ("vllm", "vllm-worker"):
+            raise ValueError(f"--engine must be vllm or vllm-worker, not {engine!r}")
         cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
                             blend=BlendConfig(recompute_ratio=recompute_ratio))
         folder = resolve_model(model)
         cache_bytes = int(parse_bytes(kv_cache_bytes))
+        in_worker = engine == "vllm-worker"
+        if in_worker and not (cfg.store.disk_dir or cfg.store.remote_url):
+            raise ValueError("--engine vllm-worker needs --store DIR (or a remote tier): vLLM's worker opens the store")
     except (ValueError, FileNotFoundError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
     handoff = HandoffDir(handoff_dir)
     handoff.clear_spares()  # left by a server that was killed
     os.environ[SETTINGS_ENV] = json.dumps({"kvblend": cfg.model_dump(mode="json"), "handoff_dir": str(handoff.folder),
-                                           "precompute_misses": precompute_misses})
+                                           "precompute_misses": precompute_misses, "in_worker": in_worker})
     vllm_args = [
         "--model", folder, "--dtype", dtype, "--host", host, "--port", str(port),
         "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(cache_bytes),
-        "--kv-transfer-config", json.dumps(connector_config(str(handoff.folder))), "--middleware", MIDDLEWARE,
-    ]
+        "--kv-transfer-config", json.dumps(connector_config(str(handoff.folder), store=cfg.store if in_worker else None)),
+        "--middleware", MIDDLEWARE,
+    ] + (["--load-format", LOAD_FORMAT] if in_worker else [])
     if max_model_len:
         vllm_args += ["--max-model-len", str(max_model_len)]
     if "--served-model-name" not in ctx.args:

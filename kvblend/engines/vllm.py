@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvblend.blend.executor import REUSE
-from kvblend.config import BlendConfig
+from kvblend.config import BlendConfig, StoreConfig
 from kvblend.engines.sampling import Sampling
 from kvblend.engines.vllm_blend import PLAN, make_plan
 from kvblend.engines.vllm_handoff import PARAM, HandoffDir, blend_salt
@@ -71,9 +71,11 @@ def tune_worker_environment(threads: int | None = None) -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def connector_config(handoff_dir: str, save_dir: str | None = None) -> dict[str, Any]:
-    """The `KVTransferConfig` fields that load kvblend's connector (also the JSON of --kv-transfer-config)."""
-    extra = {"handoff_dir": handoff_dir} | ({"save_dir": save_dir} if save_dir else {})
+def connector_config(handoff_dir: str, save_dir: str | None = None, store: StoreConfig | None = None) -> dict[str, Any]:
+    """The `KVTransferConfig` fields that load kvblend's connector (also the JSON of --kv-transfer-config).
+    `store` is the store in-worker blends read (it must have a disk or remote tier)."""
+    extra = ({"handoff_dir": handoff_dir} | ({"save_dir": save_dir} if save_dir else {})
+             | ({"store": store.model_dump(mode="json")} if store is not None else {}))
     return {
         "kv_connector": "KVBlendConnector",
         "kv_connector_module_path": "kvblend.engines.vllm_connector",
@@ -123,9 +125,11 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
     stats = RequestStats(method=method, tokens_total=len(ids))
     chunk_ids = [seg.ids for seg in prompt.segments if seg.chunk is not None]
     if method in ("blend", "reuse") and len(ids) <= max_model_len:
-        if any(kb.store.contains(kb.key_for(c)) for c in chunk_ids):
-            if in_worker:
+        stored = [kb.store.contains(kb.key_for(c)) for c in chunk_ids]
+        if any(stored):
+            if in_worker:  # the counts as planned: the worker looks the chunks up again
                 plan = make_plan(kb, prompt, REUSE if method == "reuse" else config or kb.config.blend)
+                stats.chunk_hits, stats.chunk_misses = sum(stored), len(stored) - sum(stored)
                 stats.stages_s["prepare"] = time.perf_counter() - t0
                 return Prepared(ids, stats, plan=plan)
             m = kb.adapter
@@ -184,7 +188,8 @@ class VLLMEngine:
             raise ImportError(f"the vllm engine needs vLLM ({exc}): pip install 'kvblend[vllm]' on CPU, "
                               "pip install vllm on CUDA; see docs/vllm.md") from exc
 
-        transfer = KVTransferConfig(**connector_config(str(self.handoff.folder), self.save_dir)) if connector else None
+        store = self.kb.config.store if self.in_worker else None
+        transfer = KVTransferConfig(**connector_config(str(self.handoff.folder), self.save_dir, store)) if connector else None
         if self.kb.config.device == "cpu":
             tune_worker_environment(self.kb.config.threads)
         return LLM(enable_prefix_caching=prefix_caching, kv_transfer_config=transfer, **self._options)

@@ -6,17 +6,20 @@ A plan travels in a request's `kv_transfer_params` under `PLAN`, as plain JSON d
 - `ids`: the prompt token ids it was planned for (it serves a request whose prompt starts with them);
 - `spans`: each chunk's [start, length, key] in prompt order (`KVBlend.key_for` keys);
 - `context_ids`: the chunk encoding, the ids every chunk was encoded after (`KVBlend.context_ids`);
-- `question_start`, `blend` (the BlendConfig as a dict) and `store` (the StoreConfig as a dict);
+- `question_start` and `blend` (the BlendConfig as a dict);
 - `id`: a fresh id, whose `blend_salt` is the request's `cache_salt`.
 
-In the worker, `WorkerBlender` opens the store the plan names (once per store config), looks the
+The store is not in the plan: it is the server's, set in the connector's `kv_connector_extra_config`
+(`connector_config(..., store=...)`), so a client that writes `kv_transfer_params` itself cannot
+make the worker open a folder or Redis URL of its choosing.
+
+In the worker, `WorkerBlender` opens that store on first use, looks the
 chunks up (`kvblend.blend.lookup.cached_spans`: a missing, foreign or damaged chunk becomes fresh
 text, as in `KVBlend.prefill`; a span whose key is not this model's key for its tokens too) and
 runs `BlendExecutor` on `worker_model()`, vLLM's own modules and weights.
 """
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -42,8 +45,7 @@ def make_plan(kb: "KVBlend", prompt: "Prompt", config: BlendConfig) -> dict[str,
     spans = [[start, len(seg.ids), kb.key_for(seg.ids)] for seg, start in zip(prompt.segments, prompt.starts())
              if seg.chunk is not None]
     return {"id": uuid.uuid4().hex, "ids": list(prompt.ids), "spans": spans, "context_ids": list(kb.context_ids),
-            "question_start": prompt.starts()[-1], "blend": config.model_dump(mode="json"),
-            "store": kb.config.store.model_dump(mode="json")}
+            "question_start": prompt.starts()[-1], "blend": config.model_dump(mode="json")}
 
 
 def plan_tokens(plan: object) -> list[int] | None:
@@ -67,29 +69,31 @@ class FusedKV:
 
 
 class WorkerBlender:
-    """Runs plans in vLLM's worker on the model vLLM loaded (`worker_model()`), with the stores they name."""
+    """Runs plans in vLLM's worker on the model vLLM loaded (`worker_model()`), with the server's
+    store (`store`: a StoreConfig as a dict, from the connector's extra config; None: no store)."""
 
-    def __init__(self):
-        self._stores: dict[str, tuple[StoreConfig, KVStore]] = {}
+    def __init__(self, store: dict[str, Any] | None):
+        self._config = StoreConfig.model_validate(store) if store is not None else None
+        self._store: KVStore | None = None
         self._executor: BlendExecutor | None = None
 
-    def _store(self, spec: dict[str, Any]) -> tuple[StoreConfig, KVStore]:
-        """The store a plan names and its config, opened on first use."""
-        name = json.dumps(spec, sort_keys=True)
-        if name not in self._stores:
-            config = StoreConfig.model_validate(spec)
-            self._stores[name] = config, open_store(config)
-        return self._stores[name]
+    def _opened(self) -> tuple[StoreConfig, KVStore]:
+        if self._config is None:
+            raise RuntimeError("a blend plan reached vLLM's worker, but kvblend's connector has no store: start vLLM "
+                               "with kv_connector_extra_config from kvblend's connector_config(..., store=...)")
+        if self._store is None:
+            self._store = open_store(self._config)
+        return self._config, self._store
 
     def fused_kv(self, plan: dict[str, Any]) -> FusedKV:
         """Blend the plan's prompt; its fused KV, keys rotated at absolute positions."""
         from kvblend.engines.vllm_plugin import worker_model
 
+        store_config, store = self._opened()
         m = worker_model()
         if self._executor is None:
             self._executor = BlendExecutor(m)
         ids, context_ids = plan["ids"], plan["context_ids"]
-        store_config, store = self._store(plan["store"])
         located = []
         for start, length, key in plan["spans"]:
             chunk_ids = ids[start : start + length]
@@ -105,8 +109,8 @@ class WorkerBlender:
         return FusedKV(out.keys, out.values)
 
     def close(self) -> None:
-        """Land the stores' background writes and close them."""
-        for _, store in self._stores.values():
-            getattr(store, "close", lambda: None)()
-        self._stores.clear()
+        """Land the store's background writes and close it."""
+        if self._store is not None:
+            getattr(self._store, "close", lambda: None)()
+            self._store = None
 

@@ -5,7 +5,7 @@ Loaded by vLLM itself (no patch), in the scheduler process and in each worker:
     KVTransferConfig(kv_connector="KVBlendConnector",
                      kv_connector_module_path="kvblend.engines.vllm_connector",
                      kv_role="kv_both", kv_load_failure_policy="recompute",
-                     kv_connector_extra_config={"handoff_dir": ..., "save_dir": ...})
+                     kv_connector_extra_config={"handoff_dir": ..., "save_dir": ..., "store": ...})
 
 Scheduler side: a request whose `kv_transfer_params` names a hand-off (see `vllm_handoff`) of
 tokens its prompt starts with gets those tokens, up to all but the prompt's last, reported as
@@ -21,8 +21,9 @@ hand-off named without its salt is ignored.
 In-worker blend: a request whose `kv_transfer_params` carry a blend plan (`vllm_blend.PLAN`) in
 place of a hand-off is blended here, in `start_load_kv`, one request after another before the
 step's forward, on the model vLLM loaded (vLLM started with `load_format="kvblend"`; see
-`vllm_blend`), and its fused KV goes through the same layer-by-layer write. A blend that fails
-(no kvblend load format, a store that cannot be opened, any error) is reported as failed blocks:
+`vllm_blend`) with the store of the extra config's `store` (a StoreConfig as a dict), and its
+fused KV goes through the same layer-by-layer write. A blend that fails (no kvblend load format,
+no store configured or one that cannot be opened, any error) is reported as failed blocks:
 vLLM recomputes the request. Optional save path: a request with `kvblend_save: true` has its prompt KV
 (all tokens but the last) written to `save_dir` in the hand-off format; the response's
 `kv_transfer_params` carries the file's key as `kvblend_saved`.
@@ -123,7 +124,7 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._layers: dict[str, Any] = {}
         self._active: list[_ActiveLoad] = []
         self._failed_blocks: set[int] = set()
-        self._blender = WorkerBlender()
+        self._blender = WorkerBlender(extra.get("store"))
         self._layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saving: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 

@@ -9,7 +9,8 @@ vLLM's server runs unchanged, started with kvblend's KV connector and this ASGI 
 
 (with the openai client: `extra_body={"kvblend": {...}}`) is blended here, on the transformers
 model in this process, and rewritten into the prompt's token ids plus `kv_transfer_params` that
-name the hand-off; vLLM then serves it like any request (streaming, sampling, errors). Every
+name the hand-off (with `in_worker`: that carry the blend's plan, which vLLM's worker blends on its
+own weights with the server's store); vLLM then serves it like any request (streaming, sampling, errors). Every
 other request passes through untouched. The question is the prompt (completions) or the single
 user message (chat). Chunks missing from the store are recomputed in the blend and, with
 `precompute_misses`, encoded into the store after the response for next time, in the background
@@ -29,11 +30,11 @@ from typing import Any
 from kvblend.config import BlendConfig, KVBlendConfig
 from kvblend.engines.vllm import Prepared, prepare
 from kvblend.engines.serve_misses import BlendLock, MissEncoder
-from kvblend.engines.vllm_handoff import PARAM, HandoffDir, blend_salt
+from kvblend.engines.vllm_handoff import HandoffDir, blend_salt
 from kvblend.results import PREFILL_METHODS
 
 log = logging.getLogger(__name__)
-SETTINGS_ENV = "KVBLEND_SERVE_CONFIG"  # JSON: {"kvblend": KVBlendConfig fields, "handoff_dir": ..., "precompute_misses": bool}
+SETTINGS_ENV = "KVBLEND_SERVE_CONFIG"  # JSON: {"kvblend": KVBlendConfig fields, "handoff_dir": ..., "precompute_misses": bool, "in_worker": bool}
 MIDDLEWARE = "kvblend.engines.vllm_serve.KVBlendMiddleware"
 PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -109,9 +110,11 @@ def _stats_headers(p: Prepared, queued_misses: int) -> list[tuple[bytes, bytes]]
     """x-kvblend-* headers: the blend's counts, its time from the request's arrival (prepare, wait
     included), the wait for the model, and the missed chunks still queued for background encoding."""
     s = p.stats
-    values = {"blended": str(p.handoff_key is not None).lower(), "chunk-hits": s.chunk_hits, "chunk-misses": s.chunk_misses,
+    values = {"blended": str(p.blend_key is not None).lower(), "chunk-hits": s.chunk_hits, "chunk-misses": s.chunk_misses,
               "tokens-recomputed": s.tokens_recomputed, "prepare-seconds": f"{s.stages_s['prepare']:.4f}",
               "wait-seconds": f"{s.stages_s.get('wait', 0.0):.4f}", "queued-misses": queued_misses}
+    if p.plan is not None:  # blended in vLLM's worker: what it recomputed is not known here
+        del values["tokens-recomputed"]
     return [(f"x-kvblend-{k}".encode(), str(v).encode()) for k, v in values.items()]
 
 
@@ -126,6 +129,7 @@ class KVBlendMiddleware:
         self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]))
         self.handoff = HandoffDir(settings["handoff_dir"])
         self.precompute_misses = bool(settings.get("precompute_misses", True))
+        self.in_worker = bool(settings.get("in_worker", False))
         self._lock = BlendLock()  # one blend at a time (the model and executor are shared), requests first
         self._misses = MissEncoder(self.kb, self._lock) if self.precompute_misses else None
 
@@ -194,14 +198,13 @@ class KVBlendMiddleware:
         with self._lock.held(urgent=True):
             waited = time.perf_counter() - arrived
             try:
-                prepared = prepare(self.kb, self.handoff, chunks, question, method, config, max_model_len)
+                prepared = prepare(self.kb, self.handoff, chunks, question, method, config, max_model_len, self.in_worker)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from exc
         prepared.stats.stages_s.update(wait=waited, prepare=time.perf_counter() - arrived)
-        params = dict(body.get("kv_transfer_params") or {})
-        if prepared.handoff_key:
-            params[PARAM] = prepared.handoff_key
-            body["cache_salt"] = blend_salt(prepared.handoff_key)  # blended blocks stay out of exact requests' prefix cache
+        params = dict(body.get("kv_transfer_params") or {}) | (prepared.transfer_params() or {})
+        if prepared.blend_key:
+            body["cache_salt"] = blend_salt(prepared.blend_key)  # blended blocks stay out of exact requests' prefix cache
         if chat:
             params["prompt_token_ids"] = prepared.ids  # vLLM takes these instead of templating the messages
         else:
