@@ -5,7 +5,9 @@
 #   DEVICE=cpu SHAPE=tiny bash scripts/gpu_check.sh   # the same steps on a CPU, in a minute (a dry run)
 #
 # 1. installs kvblend (no dependencies) over the machine's own torch, triton and transformers, plus
-#    any wheels carried in .whl/ for packages the machine lacks (pydantic, gguf, ...);
+#    the wheels carried in .whl/ for packages the machine lacks (as of 2026-11: pydantic,
+#    pydantic-core, annotated-types, typing-inspection and gguf; `pip download --no-deps` them for
+#    its Python, see the device tool's README);
 # 2. runs the Triton kernels' tests against their torch references on the device;
 # 3. saves a random-weight Llama of SHAPE (8b: Llama-3-8B's shape in bf16; 1b: Llama-3.2-1B's;
 #    tiny) with a byte-level tokenizer, and runs `kvblend bench` on it: full prefill, reuse and
