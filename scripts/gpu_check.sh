@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# kvblend's CUDA paths in one prepared run, for when a GPU machine is lent (docs/benchmarks.md, "GPU").
+# kvblend's CUDA paths in one prepared run, for when a GPU machine is lent.
 #
 #   bash scripts/gpu_check.sh                 # on the GPU machine, from the repository root
 #   DEVICE=cpu SHAPE=tiny bash scripts/gpu_check.sh   # the same steps on a CPU, in a minute (a dry run)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Throughput of `kvblend serve` under load (docs/vllm.md, "Throughput under load"): the passages of
+# Throughput of `kvblend serve` under load (docs/vllm.md, "Under load"): the passages of
 # the first LIMIT MuSiQue dev records are precomputed into a store, then each server configuration
 # is started in turn and `kvblend bench load` sends every record (its passages shuffled) at each
 # concurrency level:
@@ -10,7 +10,7 @@
 #
 #   bash scripts/serve_load.sh [OUT_DIR]     # LIMIT=16 CONCURRENCY=1,4,8 KVBLEND=.venv/bin/kvblend
 # Writes OUT_DIR/load.json (the rows), memory.txt (each server's processes' resident memory) and
-# prints the table docs/vllm.md shows.
+# prints a markdown table of the rows (req/s against full at each concurrency).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/load}
