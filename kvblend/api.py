@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import cached_property
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -15,11 +16,13 @@ from kvblend.config import BlendConfig, KVBlendConfig
 from kvblend.engines.base import Engine, Request
 from kvblend.engines.hf import HFEngine, full_prefill, to_dynamic_cache
 from kvblend.engines.sampling import Sampling
-from kvblend.models import LayerwiseModel, load_model
+from kvblend.models import DTYPES, LayerwiseModel, load_tokenizer, load_weights, resolve_model, stop_token_ids
+from kvblend.models.fingerprint import checkpoint_fingerprint
 from kvblend.results import PREFILL_METHODS, GenerateResult, Method, Prefill, RequestStats
 from kvblend.store import ChunkKV, KVStore, choose_recompute_ratio, open_store
 
-ENGINES = ("hf", "vllm", "vllm-worker")  # vllm-worker: vLLM blending in its worker (docs/vllm.md)
+VLLM_ENGINES = ("vllm", "vllm-worker")  # vllm-worker: vLLM blending in its worker (docs/vllm.md)
+ENGINES = ("hf", *VLLM_ENGINES)
 
 
 class KVBlend:
@@ -32,7 +35,9 @@ class KVBlend:
     engine="vllm" decodes with vLLM instead of transformers (the blend still runs here); "vllm-worker"
     blends inside vLLM's worker on vLLM's weights (needs a store with a disk or remote tier): docs/vllm.md.
     Whatever the engine, `KVBlend` plans, prefills and builds the results; the engine turns
-    requests into tokens (kvblend.engines.base).
+    requests into tokens (kvblend.engines.base). The transformers weights load when first needed:
+    at once, unless `lazy_weights` or engine="vllm-worker" (whose blends run on vLLM's weights, so a
+    process that only plans them never loads a second copy).
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class KVBlend:
         dtype: str | None = None,
         config: KVBlendConfig | BlendConfig | None = None,
         engine: str = "hf",
+        lazy_weights: bool = False,
     ):
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -61,21 +67,51 @@ class KVBlend:
             self.config.blend = CorpusFolder.beside(self.config.store.disk_dir).adopt_encoding(self.config.blend)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        self.model, self.tokenizer = load_model(self.config.model, self.config.device, self.config.dtype)
-        self.adapter = LayerwiseModel(self.model)
+        if self.config.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.config.dtype!r}; choose one of {sorted(DTYPES)}")
+        self.tokenizer = load_tokenizer(self.config.model)
         self.builder = PromptBuilder(self.tokenizer)
+        self.stop_ids = stop_token_ids(self.config.model, self.tokenizer)
         self._owns_store = store is None or isinstance(store, str)
         self.store: KVStore = open_store(self.config.store) if self._owns_store else store
-        self.executor = BlendExecutor(self.adapter, self.config.blend)
         self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.builder, self.config.blend.primer)
-        self.stop_ids = {t for t in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id) if t is not None}
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        if not (lazy_weights or engine == "vllm-worker"):
+            self.adapter  # loads the weights now
         self.engine: Engine = HFEngine(self)
         if engine != "hf":
             from kvblend.engines.vllm import VLLMEngine
 
             self.engine = VLLMEngine(self, in_worker=engine == "vllm-worker")
+
+    # -- the weights, loaded on first use (at once unless lazy_weights or engine="vllm-worker") -----------
+    @cached_property
+    def model(self):
+        """The transformers model (kvblend's own blends, encodings and decoding run on it)."""
+        return load_weights(self.config.model, self.config.device, self.config.dtype)
+
+    @cached_property
+    def adapter(self) -> LayerwiseModel:
+        return LayerwiseModel(self.model)
+
+    @cached_property
+    def executor(self) -> BlendExecutor:
+        return BlendExecutor(self.adapter, self.config.blend)
+
+    @property
+    def weights_loaded(self) -> bool:
+        return "model" in self.__dict__
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The model's identity in chunk keys: the loaded model's, or, while the weights are not
+        loaded (a process that only plans blends for vLLM's worker), the same value computed from the
+        checkpoint's files."""
+        if self.weights_loaded:
+            return self.adapter.fingerprint
+        try:
+            return checkpoint_fingerprint(resolve_model(self.config.model), DTYPES[self.config.dtype])
+        except FileNotFoundError:  # not safetensors: only the loaded model can say
+            return self.adapter.fingerprint
 
     def with_engine(self, engine: Engine) -> "KVBlend":
         """The same model, store and settings, answering through another engine (closing it closes that engine only)."""
@@ -100,7 +136,7 @@ class KVBlend:
 
     # -- chunks -------------------------------------------------------------------------------
     def key_for(self, token_ids: list[int]) -> str:
-        return chunk_key(self.adapter.fingerprint, self.context_ids, token_ids, self.adapter.dtype)
+        return chunk_key(self.fingerprint, self.context_ids, token_ids, DTYPES[self.config.dtype])
 
     def precompute(self, texts: Iterable[str], on_chunk: Callable[[int, bool], None] | None = None) -> list[str]:
         """Encode each text's KV into the store (skipping those already there and valid); returns their keys.
@@ -168,13 +204,7 @@ class KVBlend:
                                     ranking=ranking)
             cache = None if kv_out is not None else to_dynamic_cache(self.model.config, out.keys, out.values)
             logits = out.logits
-            stats.tokens_cached = sum(s.kv.num_tokens for s in spans)
-            stats.tokens_recomputed = out.selected.numel()
-            # a stored chunk whose layer failed its check (or whose tier went away mid-read) was recomputed, not reused
-            failed = iter([bool(getattr(s.kv, "failed", False)) for s in spans])
-            stats.reused = [hit and not next(failed) for hit in found]
-            stats.chunk_hits = sum(stats.reused)
-            stats.chunk_misses = len(found) - stats.chunk_hits
+            stats.count_blend(spans, found, out.selected.numel())
             stats.stages_s.update(out.timings)
         stats.ttft_s = time.perf_counter() - t0
         return Prefill(ids=ids, cache=cache, logits=logits, stats=stats)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -31,6 +31,18 @@ class RequestStats:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def count_blend(self, spans: Sequence, found: Sequence[bool], recomputed: int) -> None:
+        """Record a blend's counts: `spans` the cached chunks it used (each `.kv` a layer source),
+        `found` per chunk in prompt order whether the store had it, `recomputed` its recomputed cached
+        tokens. A stored chunk whose layer failed its check (or whose tier went away mid-read) was
+        recomputed, not reused."""
+        self.tokens_cached = sum(s.kv.num_tokens for s in spans)
+        self.tokens_recomputed = recomputed
+        failed = iter([bool(getattr(s.kv, "failed", False)) for s in spans])
+        self.reused = [hit and not next(failed) for hit in found]
+        self.chunk_hits = sum(self.reused)
+        self.chunk_misses = len(found) - self.chunk_hits
 
 
 @dataclass

@@ -52,8 +52,12 @@ def test_chat_request_is_blended_and_matches_transformers(server, request):
     assert raw.headers["x-kvblend-blended"] == "true" and raw.headers["x-kvblend-chunk-hits"] == "3"
     in_worker = request.node.callspec.params["server"] == "vllm-worker"
     assert ("x-kvblend-tokens-recomputed" in raw.headers) != in_worker  # the worker's blend is not counted here
-    tokens = raw.parse().choices[0].token_ids
-    assert tokens == kb.generate(CHUNKS[::-1], QUESTION, max_new_tokens=TOKENS).token_ids
+    body = raw.parse()
+    here = kb.generate(CHUNKS[::-1], QUESTION, max_new_tokens=TOKENS)
+    assert body.choices[0].token_ids == here.token_ids
+    if in_worker:  # the worker's counts come back in the body
+        report = body.kv_transfer_params["kvblend_blend"]
+        assert (report["tokens_recomputed"], report["chunk_hits"]) == (here.stats.tokens_recomputed, 3)
 
 
 def test_completion_request_is_blended_and_streams(server):
@@ -102,16 +106,36 @@ def test_prompt_over_the_kv_cache_gets_vllms_error(server):
 
 def test_load_generator_counts_every_request_at_each_level(server):
     """`kvblend bench load`'s driver against the real server: every streamed request is answered and
-    timed at each level, and a request the server refuses is counted as failed, not as served."""
+    timed at each level, each level sends records of its own, and a request the server refuses is
+    counted as failed, not as served."""
     from kvblend.eval.datasets import Record
     from kvblend.eval.load import run_load
 
     client, _ = server
     base = str(client.base_url)
-    records = [Record(CHUNKS, f"Question {i}: {QUESTION}") for i in range(4)]
-    rows = run_load(base, records, MODEL, "blend", [1, 3], max_tokens=4)
-    assert [(r.concurrency, r.requests, r.failed) for r in rows] == [(1, 4, 0), (3, 4, 0)]
+    records = [Record(CHUNKS, f"Question {i}: {QUESTION}") for i in range(7)]
+    rows = run_load(base, records, MODEL, "blend", [1, 3], per_level=3, max_tokens=4)
+    assert [(r.concurrency, r.requests, r.failed) for r in rows] == [(1, 3, 0), (3, 3, 0)]
     assert all(0 < r.ttft_p50_s <= r.latency_p50_s and r.requests_per_s > 0 for r in rows)
     too_long = Record([c * 8 for c in CHUNKS], QUESTION)  # over --max-model-len: vLLM answers 400
-    [row] = run_load(base, [records[0], too_long], MODEL, "blend", [1], max_tokens=4)
+    [row] = run_load(base, [records[0], records[1], too_long], MODEL, "blend", [1], per_level=2, max_tokens=4)
     assert (row.requests, row.failed) == (2, 1)
+    with pytest.raises(ValueError, match="need 7 records; the dataset has 6"):
+        run_load(base, records[:6], MODEL, "blend", [1, 3], per_level=3)
+
+
+def test_a_request_its_client_drops_is_aborted_and_the_server_keeps_serving(server):
+    """The client goes away 50 ms after sending (while its request is planned, blended or decoded):
+    vLLM aborts it, and the next requests are answered as before."""
+    import httpx
+
+    client, kb = server
+    body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400, "temperature": 0,
+            "stream": True, "ignore_eos": True, "kvblend": {"chunks": [CHUNKS[1], CHUNKS[2], CHUNKS[0]]}}
+    for _ in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            with httpx.stream("POST", f"{client.base_url}chat/completions", json=body, timeout=0.05) as response:
+                for _ in response.iter_bytes():
+                    pass
+    tokens = chat(client, QUESTION, CHUNKS).parse().choices[0].token_ids
+    assert tokens == kb.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS).token_ids

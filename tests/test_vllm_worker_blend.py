@@ -61,6 +61,18 @@ def test_blend_in_the_worker_gives_the_hf_engine_tokens(held):
     assert results[1].token_ids != hf_tokens(held, held.records[1], "full")
 
 
+@pytest.mark.parametrize("tokens", [1, TOKENS])
+def test_the_workers_blend_reports_its_counts_to_the_caller(held, tokens):
+    """The counts come from the worker's blend (the planning process cannot know what it recomputed),
+    also for a request that finishes in the step that blended it (one token)."""
+    r = held.records[0]
+    in_worker = held.vllm.generate(r.chunks, r.question, max_new_tokens=tokens, config=BLEND).stats
+    here = held.kb.generate(r.chunks, r.question, max_new_tokens=tokens, config=BLEND).stats
+    assert in_worker.tokens_recomputed == here.tokens_recomputed > 0
+    assert (in_worker.tokens_cached, in_worker.chunk_hits, in_worker.reused) == (here.tokens_cached, 3, [True] * 3)
+    assert in_worker.recompute_ratio == 0.15 and in_worker.stages_s["worker_blend"] > 0
+
+
 def test_reuse_in_the_worker_gives_the_hf_engine_tokens(held):
     r = held.records[1]
     result = held.vllm.generate(r.chunks, r.question, max_new_tokens=TOKENS, method="reuse")
@@ -89,6 +101,7 @@ def test_chunk_deleted_after_precompute_is_computed_fresh(held, lost):
         result = held.vllm.generate(r.chunks, r.question, max_new_tokens=TOKENS, config=BLEND)
         expected = kb.generate(r.chunks, r.question, max_new_tokens=TOKENS, config=BLEND)
         assert expected.stats.chunk_misses == 1 and expected.stats.chunk_hits == 2
+        assert result.stats.reused == expected.stats.reused and result.stats.tokens_recomputed == expected.stats.tokens_recomputed
         assert result.stats.engine_cached_tokens == result.stats.tokens_total - 1
         assert result.token_ids == expected.token_ids
         if lost == 2:
@@ -161,7 +174,7 @@ def test_a_plan_the_worker_cannot_blend_is_recomputed_by_vllm(tmp_path):
     from vllm.inputs import TokensPrompt
 
     from kvblend.engines.vllm import connector_config
-    from kvblend.engines.vllm_blend import PLAN, make_plan
+    from kvblend.engines.vllm_blend import PLAN, REPORT_PARAM, make_plan
     from kvblend.engines.vllm_handoff import blend_salt
     from kvblend.engines.vllm_plugin import LOAD_FORMAT
 
@@ -183,3 +196,20 @@ def test_a_plan_the_worker_cannot_blend_is_recomputed_by_vllm(tmp_path):
     finally:
         llm.llm_engine.engine_core.shutdown()
     assert list(planned[0].outputs[0].token_ids) == list(plain[0].outputs[0].token_ids)
+    assert planned[0].kv_transfer_params == {REPORT_PARAM: {}}  # no blend to report: vLLM recomputed it
+
+
+def test_the_planning_process_holds_no_weights(held, tmp_path):
+    """With the blend in vLLM's worker, the process that plans (kvblend serve's API server, the offline
+    engine's caller) loads no transformers weights: one copy of the model, vLLM's. Its chunk keys,
+    computed from the checkpoint's files, are the ones the loaded model gives, so the worker finds the chunks."""
+    from kvblend.engines.vllm import prepare
+    from kvblend.engines.vllm_handoff import HandoffDir
+
+    planner = KVBlend(config=held.kb.config, lazy_weights=True)
+    r = held.records[0]
+    planned = prepare(planner, HandoffDir(str(tmp_path)), r.chunks, r.question, "blend", BLEND, 4096, in_worker=True)
+    assert [key for _, _, key in planned.plan["spans"]] == [held.kb.key_for(held.kb.builder.encode(c)) for c in r.chunks]
+    assert planned.stats.chunk_hits == 3 and planner.stop_ids == held.kb.stop_ids
+    assert not planner.weights_loaded
+    planner.close()

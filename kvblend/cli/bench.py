@@ -73,7 +73,7 @@ def bench_ttft_command(
 def bench_load_command(
     url: Annotated[str, typer.Argument(help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")],
     dataset: Annotated[str, typer.Option(help="a bundled dataset's name or a file (musique-dev, cacheblend, ...)")] = "musique-dev",
-    limit: Annotated[int, typer.Option(min=1, help="records sent per concurrency level")] = 16,
+    limit: Annotated[int, typer.Option(min=1, help="records sent at each concurrency level (each level its own)")] = 16,
     top_k: Annotated[int, typer.Option(min=1, help="passages per record")] = 6,
     shuffle_seed: Annotated[int, typer.Option(help="passages are sent in a shuffled order per record")] = 0,
     method: Annotated[str, typer.Option(help="kvblend.method of every request: blend, reuse or full")] = "blend",
@@ -85,14 +85,15 @@ def bench_load_command(
 ):
     """Requests/s and TTFT p50/p99 of a `kvblend serve` endpoint at each concurrency level."""
     from kvblend.eval.datasets import load_dataset
-    from kvblend.eval.load import run_load
+    from kvblend.eval.load import records_needed, run_load
     from kvblend.results import PREFILL_METHODS
 
     if method not in PREFILL_METHODS:
         raise typer.BadParameter(f"{method!r}: choose one of {', '.join(PREFILL_METHODS)}", param_hint="--method")
     try:
-        records = load_dataset(dataset, top_k=top_k, limit=limit)
-        rows = run_load(url, records, served_model, method, _ints(concurrency), label, max_tokens, shuffle_seed)
+        levels = _ints(concurrency)
+        records = load_dataset(dataset, top_k=top_k, limit=records_needed(limit, len(levels)))
+        rows = run_load(url, records, served_model, method, levels, limit, label, max_tokens, shuffle_seed)
     except (ValueError, OSError, RuntimeError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)

@@ -37,6 +37,7 @@ def serve(
     Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
     Needs vLLM: pip install 'kvblend\\[vllm]' on CPU (docs/vllm.md).
     """
+    from kvblend.api import VLLM_ENGINES
     from kvblend.config import BlendConfig, KVBlendConfig, parse_bytes
     from kvblend.engines.vllm import connector_config, tune_worker_environment
     from kvblend.engines.vllm_handoff import HandoffDir
@@ -45,8 +46,8 @@ def serve(
     from kvblend.models import resolve_model
 
     try:
-        if engine not in ("vllm", "vllm-worker"):
-            raise ValueError(f"--engine must be vllm or vllm-worker, not {engine!r}")
+        if engine not in VLLM_ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(VLLM_ENGINES)}, not {engine!r}")
         cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
                             blend=BlendConfig(recompute_ratio=recompute_ratio))
         folder = resolve_model(model)

@@ -31,7 +31,7 @@ import torch
 from kvblend.blend.executor import REUSE
 from kvblend.config import BlendConfig, StoreConfig
 from kvblend.engines.sampling import Sampling
-from kvblend.engines.vllm_blend import PLAN, make_plan
+from kvblend.engines.vllm_blend import PLAN, REPORT_PARAM, make_plan
 from kvblend.engines.vllm_handoff import PARAM, HandoffDir, blend_salt
 from kvblend.engines.vllm_plugin import LOAD_FORMAT
 from kvblend.models import resolve_model
@@ -83,6 +83,16 @@ def connector_config(handoff_dir: str, save_dir: str | None = None, store: Store
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": extra,
     }
+
+
+def take_worker_report(stats: RequestStats, transfer_params: dict[str, Any] | None) -> None:
+    """Copy the counts of a blend that ran in vLLM's worker (a finished output's `kvblend_blend`) into `stats`."""
+    report = (transfer_params or {}).get(REPORT_PARAM)
+    if not report:  # no in-worker blend, or vLLM recomputed the request
+        return
+    for name in ("tokens_cached", "tokens_recomputed", "chunk_hits", "chunk_misses", "reused", "recompute_ratio"):
+        setattr(stats, name, report[name])
+    stats.stages_s.update({f"worker_{k}": v for k, v in report["stages_s"].items()})
 
 
 @dataclass
@@ -298,6 +308,7 @@ class VLLMEngine:
                     if out.finished:
                         unfinished.discard(out.request_id)
                         p.stats.decode_s = elapsed - p.stats.ttft_s
+                        take_worker_report(p.stats, out.kv_transfer_params)
                     yield TokenEvent(i, p.stats, new)
         finally:
             if unfinished:

@@ -21,6 +21,7 @@ runs `BlendExecutor` on `worker_model()`, vLLM's own modules and weights.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from kvblend.blend.chunks import chunk_key
 from kvblend.blend.executor import BlendExecutor
 from kvblend.blend.lookup import cached_spans
 from kvblend.config import BlendConfig, StoreConfig
+from kvblend.results import RequestStats
 from kvblend.store import KVStore, choose_recompute_ratio, open_store
 
 if TYPE_CHECKING:
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PLAN = "kvblend_plan"  # the kv_transfer_params field that carries a request's blend plan
+REPORT_PARAM = "kvblend_blend"  # a finished output's kv_transfer_params field: the in-worker blend's counts and times
 
 
 def make_plan(kb: "KVBlend", prompt: "Prompt", config: BlendConfig) -> dict[str, Any]:
@@ -85,28 +88,36 @@ class WorkerBlender:
             self._store = open_store(self._config)
         return self._config, self._store
 
-    def fused_kv(self, plan: dict[str, Any]) -> FusedKV:
-        """Blend the plan's prompt; its fused KV, keys rotated at absolute positions."""
+    def fused_kv(self, plan: dict[str, Any]) -> tuple[FusedKV, RequestStats]:
+        """Blend the plan's prompt: its fused KV (keys rotated at absolute positions) and the blend's
+        counts and times (what `KVBlend.prefill` reports for a blend in this process)."""
         from kvblend.engines.vllm_plugin import worker_model
 
+        t0 = time.perf_counter()
         store_config, store = self._opened()
         m = worker_model()
         if self._executor is None:
             self._executor = BlendExecutor(m)
         ids, context_ids = plan["ids"], plan["context_ids"]
-        located = []
+        located, ours = [], []
         for start, length, key in plan["spans"]:
             chunk_ids = ids[start : start + length]
-            if chunk_key(m.fingerprint, context_ids, chunk_ids, m.dtype) == key:
+            ours.append(chunk_key(m.fingerprint, context_ids, chunk_ids, m.dtype) == key)
+            if ours[-1]:
                 located.append((start, chunk_ids, key))
             else:
                 log.warning("plan %s: chunk %s is not this model's key for its tokens: computed as fresh text", plan["id"], key)
-        spans, found = cached_spans(store, m, context_ids, located, store_config.prefetch_layers)
+        spans, found_located = cached_spans(store, m, context_ids, located, store_config.prefetch_layers)
+        hits = iter(found_located)
+        found = [is_ours and next(hits) for is_ours in ours]  # a span whose key was not this model's: a miss
         tokens = torch.tensor(ids, device=m.device)
         config = choose_recompute_ratio(store, BlendConfig.model_validate(plan["blend"]), [s.kv for s in spans], len(ids), m)
         out = self._executor.run(tokens, spans, plan["question_start"], config)
-        log.debug("plan %s: %d of %d chunks from the store", plan["id"], sum(found), len(plan["spans"]))
-        return FusedKV(out.keys, out.values)
+        stats = RequestStats(method="reuse" if config.recompute_ratio == 0 else "blend", tokens_total=len(ids),
+                             recompute_ratio=config.recompute_ratio)
+        stats.count_blend(spans, found, out.selected.numel())
+        stats.stages_s = dict(out.timings) | {"blend": time.perf_counter() - t0}
+        return FusedKV(out.keys, out.values), stats
 
     def close(self) -> None:
         """Land the store's background writes and close it."""

@@ -24,7 +24,10 @@ step's forward, on the model vLLM loaded (vLLM started with `load_format="kvblen
 `vllm_blend`) with the store of the extra config's `store` (a StoreConfig as a dict), and its
 fused KV goes through the same layer-by-layer write. A blend that fails (no kvblend load format,
 no store configured or one that cannot be opened, any error) is reported as failed blocks:
-vLLM recomputes the request. Optional save path: a request with `kvblend_save: true` has its prompt KV
+vLLM recomputes the request. The blend's counts and times (`RequestStats` fields) go back to the
+scheduler with the step's output (`BlendReports`, vLLM's worker-metadata channel) and reach the
+caller in the finished output's `kv_transfer_params` as `kvblend_blend` (empty: vLLM recomputed the
+request). Optional save path: a request with `kvblend_save: true` has its prompt KV
 (all tokens but the last) written to `save_dir` in the hand-off format; the response's
 `kv_transfer_params` carries the file's key as `kvblend_saved`.
 """
@@ -37,9 +40,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole,
+                                                              KVConnectorWorkerMetadata)
 
-from kvblend.engines.vllm_blend import PLAN, WorkerBlender, plan_tokens
+from kvblend.engines.vllm_blend import PLAN, REPORT_PARAM, WorkerBlender, plan_tokens
 from kvblend.engines.vllm_handoff import PARAM, HandoffDir, HandoffHeader, blend_salt, is_handoff_key, layer_kv, prompt_digest
 from kvblend.engines.vllm_layout import gather_tokens, probe_block_layout
 
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
@@ -97,6 +102,17 @@ class KVBlendMetadata(KVConnectorMetadata):
 
 
 @dataclass
+class BlendReports(KVConnectorWorkerMetadata):
+    """Worker to scheduler, once per step: the counts and times (`RequestStats` fields) of each
+    request whose plan the worker blended and wrote in that step."""
+
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> "BlendReports":
+        return BlendReports(self.reports | getattr(other, "reports", {}))
+
+
+@dataclass
 class _ActiveLoad:
     spec: LoadSpec
     reader: Any
@@ -119,11 +135,15 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._loads: dict[str, LoadSpec] = {}
         self._saves: dict[str, SaveSpec] = {}
         self._saved: dict[str, str] = {}  # req_id -> key of its saved prompt KV
+        self._blending: set[str] = set()  # requests whose plan went to the worker, not finished yet
+        self._reports: dict[str, dict[str, Any]] = {}  # their blend reports, until they finish
+        self._awaiting: dict[str, dict[str, Any]] = {}  # finished in the step that blended them: filled when its report comes
         # worker side
         self._kv_layers: list[str] = []
         self._layers: dict[str, Any] = {}
         self._active: list[_ActiveLoad] = []
         self._failed_blocks: set[int] = set()
+        self._step_reports: dict[str, dict[str, Any]] = {}
         self._blender = WorkerBlender(extra.get("store"))
         self._layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._saving: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -197,6 +217,8 @@ class KVBlendConnector(KVConnectorBase_V1):
             spec = self._loads.pop(req_id)
             spec.block_ids = blocks  # a new or resumed request's full block list
             meta.loads.append(spec)
+            if spec.plan is not None:
+                self._blending.add(req_id)
         save = self._saves.get(req_id)
         if save is not None:
             save.block_ids = blocks if replace else save.block_ids + blocks
@@ -204,11 +226,29 @@ class KVBlendConnector(KVConnectorBase_V1):
                 meta.saves.append(self._saves.pop(req_id))
                 self._saved[req_id] = save.key
 
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        meta = connector_output.kv_connector_worker_meta
+        for req_id, report in (meta.reports if isinstance(meta, BlendReports) else {}).items():
+            if req_id in self._awaiting:
+                self._awaiting[req_id].update(report)
+            elif req_id in self._blending:
+                self._reports[req_id] = report
+        self._awaiting.clear()  # a report comes with the step that blended: none left to wait for
+
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._loads.pop(request.request_id, None)
-        self._saves.pop(request.request_id, None)
-        key = self._saved.pop(request.request_id, None)
-        return False, ({SAVED_PARAM: key} if key else None)
+        req_id = request.request_id
+        self._loads.pop(req_id, None)
+        self._saves.pop(req_id, None)
+        params: dict[str, Any] = {}
+        if key := self._saved.pop(req_id, None):
+            params[SAVED_PARAM] = key
+        if req_id in self._blending:
+            self._blending.discard(req_id)
+            # A request can finish in the step that blended it (one token asked for): vLLM frees it
+            # before it hands this connector that step's worker output, and sends the output only after,
+            # so the report is written into the params here when it comes (update_connector_output).
+            params[REPORT_PARAM] = self._reports.pop(req_id, None) or self._awaiting.setdefault(req_id, {})
+        return False, params or None
 
     # -- worker side ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
@@ -222,7 +262,11 @@ class KVBlendConnector(KVConnectorBase_V1):
             return  # called again after the forward (async-load hook); our loads are synchronous
         for spec in meta.loads:
             try:  # a plan is blended here, one request after another, before the step's forward
-                reader = self._handoff.open(spec.key) if spec.plan is None else self._blender.fused_kv(spec.plan)
+                if spec.plan is None:
+                    reader = self._handoff.open(spec.key)
+                else:
+                    reader, stats = self._blender.fused_kv(spec.plan)
+                    self._step_reports[spec.req_id] = stats.as_dict()
             except Exception as exc:  # gone, damaged or not blendable: vLLM recomputes these blocks
                 log.warning("blend %s unusable (%s): vLLM recomputes request %s", spec.key, exc, spec.req_id)
                 self._fail(spec)
@@ -249,6 +293,7 @@ class KVBlendConnector(KVConnectorBase_V1):
                 load.pending.clear()
 
     def _fail(self, spec: LoadSpec) -> None:
+        self._step_reports.pop(spec.req_id, None)  # vLLM recomputes it: no blend to report
         first, last = spec.start // self._block_size, (spec.end - 1) // self._block_size
         self._failed_blocks.update(spec.block_ids[first : last + 1])
 
@@ -287,6 +332,10 @@ class KVBlendConnector(KVConnectorBase_V1):
                 self._save_dir.save(spec.key, HandoffHeader(spec.num_tokens, spec.digest), keys, values)
             except OSError as exc:
                 log.warning("prompt KV of request %s not saved: %s", spec.req_id, exc)
+
+    def build_connector_worker_meta(self) -> BlendReports | None:
+        reports, self._step_reports = self._step_reports, {}
+        return BlendReports(reports) if reports else None
 
     def shutdown(self) -> None:
         self._blender.close()

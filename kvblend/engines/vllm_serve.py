@@ -126,10 +126,11 @@ class KVBlendMiddleware:
 
         self.app = app
         settings = json.loads(os.environ[SETTINGS_ENV])
-        self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]))
+        self.in_worker = bool(settings.get("in_worker", False))
+        # in_worker: this process only tokenizes and plans; the weights load only to encode a missed chunk
+        self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]), lazy_weights=self.in_worker)
         self.handoff = HandoffDir(settings["handoff_dir"])
         self.precompute_misses = bool(settings.get("precompute_misses", True))
-        self.in_worker = bool(settings.get("in_worker", False))
         self._lock = BlendLock()  # one blend at a time (the model and executor are shared), requests first
         self._misses = MissEncoder(self.kb, self._lock) if self.precompute_misses else None
 

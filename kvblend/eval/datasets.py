@@ -11,6 +11,7 @@ CacheBlend prompts) and `cacheblend-1` ... `cacheblend-10`.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -56,6 +57,13 @@ class Record:
     chunks: list[str]
     question: str
     answers: list[str] = field(default_factory=list)
+
+    def chunks_in_order(self, index: int, shuffle_seed: int | None) -> list[str]:
+        """The chunks as asked: in file order, or (with a seed) shuffled per record, so the `index`-th
+        record gets the same order in every run and in every tool (eval, load)."""
+        if shuffle_seed is None:
+            return list(self.chunks)
+        return random.Random(shuffle_seed + index).sample(self.chunks, len(self.chunks))
 
 
 def _read_json(path: Path):

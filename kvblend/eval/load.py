@@ -4,14 +4,15 @@ Each request is a dataset record (its question, its passages in a shuffled order
 chat completion with a `kvblend` field naming the prefill method. Per concurrency level the run
 reports requests per second over the level's wall time and TTFT percentiles (time to the first
 streamed token, from the moment the request is sent; vLLM's `return_token_ids` marks it even when
-its text is empty). One request is sent first, alone and not
-counted, so that start-up work (a compile, a first store read) stays out of the figures.
+its text is empty). One request is sent first, alone and not counted, so that start-up work (a
+compile, a first store read) stays out of the figures. Each level sends records of its own (the
+levels take consecutive slices after the warm-up record): a prompt repeated from an earlier level
+would be served from the prefix cache that level filled.
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 
@@ -47,7 +48,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def request_body(record: Record, index: int, model: str, method: str, max_tokens: int, shuffle_seed: int | None) -> dict:
     """The chat body for a record: its passages shuffled per record (seed + index), greedy decoding."""
-    chunks = record.chunks if shuffle_seed is None else random.Random(shuffle_seed + index).sample(record.chunks, len(record.chunks))
+    chunks = record.chunks_in_order(index, shuffle_seed)
     return {"model": model, "messages": [{"role": "user", "content": record.question}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "return_token_ids": True, "kvblend": {"chunks": chunks, "method": method}}
 
@@ -88,17 +89,17 @@ async def _level(client, url: str, bodies: list[dict], concurrency: int) -> tupl
     return [r for r in results if r is not None], failed, time.perf_counter() - t0
 
 
-async def _run(base_url: str, bodies: list[dict], concurrencies: list[int], label: str, timeout_s: float) -> list[LoadRow]:
+async def _run(base_url: str, warm_up: dict, levels: list[tuple[int, list[dict]]], label: str, timeout_s: float) -> list[LoadRow]:
     try:
         import httpx
     except ImportError as exc:
         raise ImportError("kvblend bench load needs httpx (pip install httpx; vLLM installs it)") from exc
     url = base_url.rstrip("/") + "/chat/completions"
     rows = []
-    limits = httpx.Limits(max_connections=max(concurrencies) + 1)
+    limits = httpx.Limits(max_connections=max(c for c, _ in levels) + 1)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        await _one(client, url, bodies[0])  # warm-up, not counted
-        for c in concurrencies:
+        await _one(client, url, warm_up)  # not counted
+        for c, bodies in levels:
             done, failed, wall = await _level(client, url, bodies, c)
             ttfts, latencies = [d[0] for d in done], [d[1] for d in done]
             rows.append(LoadRow(label, c, len(bodies), failed, wall, len(done) / wall, percentile(ttfts, 0.5),
@@ -106,12 +107,24 @@ async def _run(base_url: str, bodies: list[dict], concurrencies: list[int], labe
     return rows
 
 
-def run_load(base_url: str, records: list[Record], model: str, method: str, concurrencies: list[int], label: str | None = None,
-             max_tokens: int = 16, shuffle_seed: int | None = 0, timeout_s: float = 600.0) -> list[LoadRow]:
-    """Send every record at each concurrency level in turn; one LoadRow per level."""
-    if not records:
-        raise ValueError("no records to send")
+def records_needed(per_level: int, levels: int) -> int:
+    """Records a run takes: one warm-up, then `per_level` of its own for each level."""
+    return 1 + per_level * levels
+
+
+def run_load(base_url: str, records: list[Record], model: str, method: str, concurrencies: list[int], per_level: int,
+             label: str | None = None, max_tokens: int = 16, shuffle_seed: int | None = 0,
+             timeout_s: float = 600.0) -> list[LoadRow]:
+    """Warm up with the first record, then send `per_level` records of their own at each
+    concurrency level in turn; one LoadRow per level."""
     if not concurrencies or min(concurrencies) < 1:
         raise ValueError(f"concurrency levels must be >= 1, got {concurrencies}")
-    bodies = [request_body(r, i, model, method, max_tokens, shuffle_seed) for i, r in enumerate(records)]
-    return asyncio.run(_run(base_url, bodies, concurrencies, label or method, timeout_s))
+    if per_level < 1:
+        raise ValueError(f"records per level must be >= 1, got {per_level}")
+    needed = records_needed(per_level, len(concurrencies))
+    if len(records) < needed:
+        raise ValueError(f"{len(concurrencies)} levels of {per_level} records and a warm-up need {needed} records; "
+                         f"the dataset has {len(records)}")
+    bodies = [request_body(r, i, model, method, max_tokens, shuffle_seed) for i, r in enumerate(records[:needed])]
+    levels = [(c, bodies[1 + i * per_level : 1 + (i + 1) * per_level]) for i, c in enumerate(concurrencies)]
+    return asyncio.run(_run(base_url, bodies[0], levels, label or method, timeout_s))

@@ -7,7 +7,6 @@ greedy continuation (KL over the first positions: steadier than first-token KL a
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,7 +113,7 @@ def evaluate(
         kb.generate(records[0].chunks, records[0].question, 1, spec.method, config=spec.config)
     for idx, record in enumerate(records):
         kb.precompute(record.chunks)
-        chunks = record.chunks if shuffle_seed is None else random.Random(shuffle_seed + idx).sample(record.chunks, len(record.chunks))
+        chunks = record.chunks_in_order(idx, shuffle_seed)
         ref_logits: torch.Tensor | None = None
         ref_tokens: list[int] = []
         ref_prefill: Prefill | None = None

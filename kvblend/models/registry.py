@@ -107,14 +107,33 @@ def resolve_model(name: str) -> str:
                      "Hugging Face folder (kvblend fetches nothing from a model hub)")
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32"):
-    """Load (model, tokenizer) for an alias, a local HF folder or a hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name: str):
+    """The tokenizer of an alias or a local HF folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def stop_token_ids(name: str, tokenizer) -> set[int]:
+    """Token ids that end an answer: the tokenizer's EOS and pad, and the model's generation EOS
+    (its generation_config.json, else its config), read without loading the weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    source = resolve_model(name)
+    try:
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: transformers derives one from config.json
+        generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(source))
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    eos = generation.eos_token_id
+    return stops | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
+def load_weights(name: str, device: str = "cpu", dtype: str = "float32"):
+    """The transformers model of an alias or a local HF folder, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    source = resolve_model(name)
-    tok = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], attn_implementation="sdpa")
-    model.to(device).eval()
-    return model, tok
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=DTYPES[dtype], attn_implementation="sdpa")
+    return model.to(device).eval()
