@@ -125,17 +125,17 @@ def test_load_generator_counts_every_request_at_each_level(server):
 
 
 def test_a_request_its_client_drops_is_aborted_and_the_server_keeps_serving(server):
-    """The client goes away 50 ms after sending (while its request is planned, blended or decoded):
-    vLLM aborts it, and the next requests are answered as before."""
+    """The client goes away after the first streamed line, its request still decoding (400 tokens
+    asked for): vLLM aborts it, and the next requests are answered as before."""
     import httpx
 
     client, kb = server
     body = {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400, "temperature": 0,
             "stream": True, "ignore_eos": True, "kvblend": {"chunks": [CHUNKS[1], CHUNKS[2], CHUNKS[0]]}}
     for _ in range(3):
-        with pytest.raises(httpx.TimeoutException):
-            with httpx.stream("POST", f"{client.base_url}chat/completions", json=body, timeout=0.05) as response:
-                for _ in response.iter_bytes():
-                    pass
+        with httpx.stream("POST", f"{client.base_url}chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            assert next(response.iter_lines()).startswith("data: ")
+        # leaving the block closes the connection mid-stream
     tokens = chat(client, QUESTION, CHUNKS).parse().choices[0].token_ids
     assert tokens == kb.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS).token_ids
