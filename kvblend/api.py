@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import copy
 import time
-from functools import cached_property
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import cached_property
 
 import torch
 
@@ -67,8 +67,6 @@ class KVBlend:
             self.config.blend = CorpusFolder.beside(self.config.store.disk_dir).adopt_encoding(self.config.blend)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        if self.config.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.config.dtype!r}; choose one of {sorted(DTYPES)}")
         self.tokenizer = load_tokenizer(self.config.model)
         self.builder = PromptBuilder(self.tokenizer)
         self.stop_ids = stop_token_ids(self.config.model, self.tokenizer)
