@@ -1,4 +1,4 @@
-"""Blend with kvblend, decode with vLLM: one CacheBlend example, blend vs vLLM's full prefill.
+"""Blend inside vLLM's worker, decode with vLLM: one CacheBlend example, blend vs vLLM's full prefill.
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
         python examples/vllm_rag.py [--example cacheblend-1]

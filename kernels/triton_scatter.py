@@ -1,7 +1,7 @@
 """Triton row scatter of recomputed K/V into the contiguous fused buffer [KV, N, D] by row index.
 
-Every address comes from the tensors' strides, so views (transposed projections, a hand-off
-file's layers) are written in place without copies.
+Every address comes from the tensors' strides, so views (transposed projections, a layer
+of a larger buffer) are written in place without copies.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
@@ -21,8 +22,7 @@ from kvblend.models.fingerprint import checkpoint_fingerprint
 from kvblend.results import PREFILL_METHODS, GenerateResult, Method, Prefill, RequestStats
 from kvblend.store import ChunkKV, KVStore, choose_recompute_ratio, open_store
 
-VLLM_ENGINES = ("vllm", "vllm-worker")  # vllm-worker: vLLM blending in its worker (docs/vllm.md)
-ENGINES = ("hf", *VLLM_ENGINES)
+ENGINES = ("hf", "vllm")
 
 
 class KVBlend:
@@ -32,12 +32,13 @@ class KVBlend:
     >>> kb.precompute(["chunk one ...", "chunk two ..."])
     >>> kb.generate(["chunk two ...", "chunk one ..."], "question?").text
 
-    engine="vllm" decodes with vLLM instead of transformers (the blend still runs here); "vllm-worker"
-    blends inside vLLM's worker on vLLM's weights (needs a store with a disk or remote tier): docs/vllm.md.
+    engine="vllm" serves with vLLM instead of transformers: vLLM blends inside its worker on its own
+    weights, with a store the worker opens too (a memory-only store gets a temporary disk tier,
+    removed at close): docs/vllm.md.
     Whatever the engine, `KVBlend` plans, prefills and builds the results; the engine turns
     requests into tokens (kvblend.engines.base). The transformers weights load when first needed:
-    at once, unless `lazy_weights` or engine="vllm-worker" (whose blends run on vLLM's weights, so a
-    process that only plans them never loads a second copy).
+    at once, unless `lazy_weights` or engine="vllm" (whose blends run on vLLM's weights, so this
+    process loads them only to encode chunks).
     """
 
     def __init__(
@@ -71,17 +72,22 @@ class KVBlend:
         self.builder = PromptBuilder(self.tokenizer)
         self.stop_ids = stop_token_ids(self.config.model, self.tokenizer)
         self._owns_store = store is None or isinstance(store, str)
+        self._scratch = None
+        if engine == "vllm" and self._owns_store and not (self.config.store.disk_dir or self.config.store.remote_url):
+            # vLLM's worker opens the store itself: memory only would leave it another, empty one
+            self._scratch = tempfile.TemporaryDirectory(prefix="kvblend-store-")
+            self.config.store = self.config.store.model_copy(update={"disk_dir": self._scratch.name})
         self.store: KVStore = open_store(self.config.store) if self._owns_store else store
         self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.builder, self.config.blend.primer)
-        if not (lazy_weights or engine == "vllm-worker"):
+        if not (lazy_weights or engine == "vllm"):
             self.adapter  # loads the weights now
         self.engine: Engine = HFEngine(self)
         if engine != "hf":
             from kvblend.engines.vllm import VLLMEngine
 
-            self.engine = VLLMEngine(self, in_worker=engine == "vllm-worker")
+            self.engine = VLLMEngine(self)
 
-    # -- the weights, loaded on first use (at once unless lazy_weights or engine="vllm-worker") -----------
+    # -- the weights, loaded on first use (at once unless lazy_weights or engine="vllm") ------------------
     @cached_property
     def model(self):
         """The transformers model (kvblend's own blends, encodings and decoding run on it)."""
@@ -125,6 +131,8 @@ class KVBlend:
             finish = getattr(self.store, "close" if self._owns_store else "flush", None)
             if finish is not None:
                 finish()
+            if self._owns_store and self._scratch is not None:
+                self._scratch.cleanup()
 
     def __enter__(self) -> "KVBlend":
         return self
@@ -166,18 +174,13 @@ class KVBlend:
         return self.builder.build(list(chunks), question)
 
     def prefill(self, chunks: list[str], question: str, method: Method = "blend", config: BlendConfig | None = None,
-                profile: bool = False, prompt: Prompt | None = None,
-                kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                ranking: torch.Tensor | None = None) -> Prefill:
+                profile: bool = False, prompt: Prompt | None = None, ranking: torch.Tensor | None = None) -> Prefill:
         """Run the prompt's prefill by `method`; the result holds the cache and first-token logits.
 
-        `prompt` is `build_prompt(chunks, question)` when the caller has built it already. With
-        `kv_out` (blend and reuse only: per-layer destinations, see `BlendExecutor.run`) the fused
-        KV is written there and the result's cache is None. `ranking` is research only (BlendExecutor.run)."""
+        `prompt` is `build_prompt(chunks, question)` when the caller has built it already.
+        `ranking` is research only (BlendExecutor.run)."""
         if method not in PREFILL_METHODS:
             raise ValueError(f"unknown prefill method {method!r}; choose one of {PREFILL_METHODS}")
-        if kv_out is not None and method == "full":
-            raise ValueError("kv_out is for blend and reuse; full prefill makes its own cache")
         t0 = time.perf_counter()
         if prompt is None:
             prompt = self.build_prompt(chunks, question)
@@ -198,9 +201,8 @@ class KVBlend:
             stats.stages_s["lookup"] = time.perf_counter() - t0
             cfg = REUSE if method == "reuse" else (config or self.config.blend)
             stats.recompute_ratio = cfg.recompute_ratio
-            out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile, kv_out=kv_out,
-                                    ranking=ranking)
-            cache = None if kv_out is not None else to_dynamic_cache(self.model.config, out.keys, out.values)
+            out = self.executor.run(ids, spans, question_start=prompt.starts()[-1], config=cfg, profile=profile, ranking=ranking)
+            cache = to_dynamic_cache(self.model.config, out.keys, out.values)
             logits = out.logits
             stats.count_blend(spans, found, out.selected.numel())
             stats.stages_s.update(out.timings)

@@ -50,7 +50,7 @@ class Prefill:
     """A prompt's KV for every layer plus its last-token logits: what decoding starts from."""
 
     ids: torch.Tensor
-    cache: object  # transformers DynamicCache (None when the caller gave kv_out)
+    cache: object  # transformers DynamicCache
     logits: torch.Tensor
     stats: RequestStats
 

@@ -5,8 +5,7 @@
 # (passages shuffled) at each concurrency level:
 #   full          vLLM prefills every prompt (prefix caching off)
 #   prefix        vLLM's automatic prefix caching, no kvblend
-#   blend         kvblend blends in the server process and hands the fused KV to vLLM
-#   blend-worker  kvblend blends inside vLLM's worker, on vLLM's weights (--engine vllm-worker)
+#   blend         kvblend blends inside vLLM's worker, on vLLM's weights
 #
 #   bash scripts/serve_load.sh [OUT_DIR]     # LIMIT=16 CONCURRENCY=1,4,8 KVBLEND=.venv/bin/kvblend
 #   SERVE_ARGS="--enforce-eager" adds options to every server (e.g. to skip torch.compile's start-up on CPU)
@@ -60,9 +59,8 @@ run() {  # label method [serve options...]
 }
 
 run full full
-run blend blend
 run prefix full --enable-prefix-caching
-run blend-worker blend --engine vllm-worker
+run blend blend
 
 $PY - "$OUT/load.json" <<'EOF'
 import json, sys

@@ -34,7 +34,7 @@ def main() -> int:
         store = StoreConfig(disk_dir=folder, cpu_bytes=0, codec="raw", async_writes=False)
         kb = KVBlend(config=KVBlendConfig(store=store))
         kb.precompute([c for _, r in records for c in r.chunks])
-        with VLLMEngine(kb, kv_cache_bytes=1 << 30, max_model_len=8192, in_worker=True, enforce_eager=True) as engine:
+        with VLLMEngine(kb, kv_cache_bytes=1 << 30, max_model_len=8192, enforce_eager=True) as engine:
             vllm = kb.with_engine(engine)
             print("| record | prompt tokens | blend r=0.15: worker = transformers | full: vLLM = transformers "
                   "| r=1 in the worker = vLLM full | tokens recomputed (worker / transformers) |")

@@ -177,26 +177,6 @@ def test_random_selection_ignores_deviation_and_follows_its_seed(kb):
     assert t.selected(recompute_ratio=0.05, selection="random", seed=1) != first
 
 
-@pytest.mark.parametrize("method", ["blend", "reuse"])
-def test_blend_into_given_buffers_equals_blend_into_fresh_ones(kb, method):
-    """kv_out (how the vLLM engine blends straight into its hand-off file) changes nothing but where KV lands."""
-    m = kb.adapter
-    n = len(kb.build_prompt(CHUNKS, QUESTION).ids)
-    ref = kb.prefill(CHUNKS, QUESTION, method)
-    layers = [(torch.full((m.num_kv_heads, n, m.head_dim), float("nan")), torch.full((m.num_kv_heads, n, m.head_dim), float("nan")))
-              for _ in range(m.num_layers)]
-    pre = kb.prefill(CHUNKS, QUESTION, method, kv_out=layers)
-    assert pre.cache is None and torch.equal(pre.logits, ref.logits)
-    for (k, v), layer in zip(layers, ref.cache.layers):
-        assert torch.equal(k, layer.keys[0]) and torch.equal(v, layer.values[0])  # every row written (no NaN left)
-    with pytest.raises(ValueError, match=r"kv_out layer 0: \(1, 3, 2\)"):
-        kb.prefill(CHUNKS, QUESTION, method, kv_out=[(torch.zeros(1, 3, 2), torch.zeros(1, 3, 2))] * m.num_layers)
-    with pytest.raises(ValueError, match="kv_out has 1 layers"):
-        kb.prefill(CHUNKS, QUESTION, method, kv_out=layers[:1])
-    with pytest.raises(ValueError, match="kv_out is for blend and reuse"):
-        kb.prefill(CHUNKS, QUESTION, "full", kv_out=layers)
-
-
 def test_config_validation():
     with pytest.raises(ValueError, match="non-increasing"):
         BlendConfig(recompute_ratio=0.2, check_layers=[1, 2], check_ratios=[0.1, 0.2])

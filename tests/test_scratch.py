@@ -3,7 +3,6 @@ import os
 
 import pytest
 
-from kvblend.engines.vllm_handoff import HandoffDir, default_handoff_dir
 from kvblend.scratch import owner_only_dir
 
 
@@ -20,8 +19,6 @@ def test_a_folder_open_to_others_is_refused(tmp_path, mode):
     folder.chmod(mode)
     with pytest.raises(PermissionError, match="open to other users"):
         owner_only_dir(folder)
-    with pytest.raises(PermissionError, match="open to other users"):
-        HandoffDir(folder)
 
 
 def test_a_folder_of_another_user_or_a_link_is_refused(tmp_path):
@@ -29,17 +26,12 @@ def test_a_folder_of_another_user_or_a_link_is_refused(tmp_path):
     link = tmp_path / "link"
     link.symlink_to(real)
     with pytest.raises(PermissionError, match="is a link"):
-        HandoffDir(link)
+        owner_only_dir(link)
     if os.geteuid() != 0:
         pytest.skip("making a folder of another owner needs root")
     os.chown(real, 54321, -1)
     with pytest.raises(PermissionError, match="belongs to uid 54321"):
-        HandoffDir(real)
-
-
-def test_the_default_handoff_folder_is_owner_only():
-    assert HandoffDir().folder == default_handoff_dir()
-    assert default_handoff_dir().stat().st_mode & 0o777 == 0o700
+        owner_only_dir(real)
 
 
 def test_the_store_bench_scratch_folder_is_owner_only(tmp_path):

@@ -1,22 +1,21 @@
-"""vLLM engine on a tiny random model (fp32, CPU): the connector hands vLLM exactly the blend's KV.
+"""vLLM engine on a tiny random model (fp32, CPU): vLLM's worker blends each plan on its own weights
+and gives the transformers engine's tokens; failures, batches and prefix caching never serve wrong KV.
 
-One `LLM` for the whole module, eager (no torch.compile at start-up). Skipped where vLLM is not installed.
+One `LLM` for the module, eager (no torch.compile at start-up). Skipped where vLLM is not installed.
 """
 import os
-import uuid
 
 import pytest
-import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'kvblend[vllm]', see docs/vllm.md)")
 
 from tiny import make_tiny_model  # noqa: E402
 
 from kvblend import BlendConfig, KVBlend  # noqa: E402
-from kvblend.engines.hf import full_prefill  # noqa: E402
-from kvblend.engines.vllm import VLLMEngine  # noqa: E402
-from kvblend.engines.vllm_handoff import PARAM, SPARES, HandoffDir, HandoffHeader, prompt_digest  # noqa: E402
-from kvblend.store import MemoryStore, StoreConfig, open_store  # noqa: E402
+from kvblend.config import KVBlendConfig  # noqa: E402
+from kvblend.engines.vllm import VLLMEngine, prepare  # noqa: E402
+from kvblend.engines.vllm_blend import PLAN  # noqa: E402
+from kvblend.store import MemoryStore, StoreConfig  # noqa: E402
 
 CHUNKS = [
     "Alice keeps the spare key under the blue flowerpot by the back door of the old house.",
@@ -28,33 +27,21 @@ QUESTION = "Where is the spare key?"
 TOKENS = 12
 
 
-def only_spares_left(engine) -> bool:
-    """Loaded hand-offs stay as at most SPARES files for reuse; nothing else is left behind."""
-    names = [p.name for p in engine.handoff.folder.iterdir()]
-    assert all(n.startswith("spare-") for n in names) and len(names) <= SPARES, names
-    return True
-
-
-class FaultyStore(MemoryStore):
-    """An in-memory store whose chosen keys read as misses (absent, or damaged and rejected)."""
-
-    def __init__(self):
-        super().__init__()
-        self.broken: set[str] = set()
-
-    def get(self, key):
-        return None if key in self.broken else super().get(key)
+def tiny_kb(root) -> KVBlend:
+    """A tiny model over a disk-only store (vLLM's worker opens the same folder), chunks precomputed."""
+    folder = make_tiny_model(root / "llama", "llama", head_dim=64, heads=4, kv_heads=2)
+    store = StoreConfig(disk_dir=str(root / "store"), cpu_bytes=0, codec="raw", async_writes=False)
+    kb = KVBlend(model=str(folder), config=KVBlendConfig(store=store))
+    kb.precompute(CHUNKS)
+    return kb
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny_vllm") / "llama", "llama", head_dim=64, heads=4, kv_heads=2)
-    kb = KVBlend(model=str(folder), store=FaultyStore())
-    kb.precompute(CHUNKS)
-    handoff = tmp_path_factory.mktemp("handoff")
-    with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, handoff_dir=str(handoff),
-                    save_dir=str(tmp_path_factory.mktemp("saved")), enforce_eager=True) as eng:
+    kb = tiny_kb(tmp_path_factory.mktemp("tiny_vllm"))
+    with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, enforce_eager=True) as eng:
         yield eng
+    kb.close()
 
 
 def vllm(engine):
@@ -66,15 +53,27 @@ def hf_tokens(kb, chunks, method="blend", config=None):
     return kb.generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method, config=config).token_ids
 
 
+def generate_planned(engine, chunks, salted: bool = True, **sampling):
+    """Send one planned request straight to vLLM (as a client writing kv_transfer_params would)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    p = prepare(engine.kb, chunks, QUESTION, "blend", None, engine.max_model_len)
+    salt = {"cache_salt": p.salt()} if salted else {}
+    params = SamplingParams(**({"max_tokens": TOKENS, "temperature": 0} | sampling),
+                            extra_args={"kv_transfer_params": {PLAN: p.plan}})
+    return engine.llm.generate([TokensPrompt(prompt_token_ids=p.ids, **salt)], params, use_tqdm=False)[0]
+
+
 @pytest.mark.parametrize("method", ["blend", "full", "reuse"])
 def test_vllm_gives_the_hf_engine_tokens(engine, method):
     """Invariant 5 through vLLM: same greedy tokens as transformers from the same fused KV."""
     chunks = CHUNKS[::-1]
     result = vllm(engine).generate(chunks, QUESTION, max_new_tokens=TOKENS, method=method)
     assert result.token_ids == hf_tokens(engine.kb, chunks, method)
-    blended = method != "full"  # the whole prompt came from the hand-off; vLLM stepped only the first token
-    assert result.stats.engine_cached_tokens == (result.stats.tokens_total if blended else 0)
-    assert result.stats.ttft_s > 0 and only_spares_left(engine)
+    blended = method != "full"  # every prompt token but the last came from the worker's blend
+    assert result.stats.engine_cached_tokens == (result.stats.tokens_total - 1 if blended else 0)
+    assert result.stats.ttft_s > 0
 
 
 def test_full_recompute_blend_gives_full_prefill_tokens(engine):
@@ -85,129 +84,54 @@ def test_full_recompute_blend_gives_full_prefill_tokens(engine):
     assert blend.token_ids == full.token_ids
 
 
-def test_missing_or_damaged_chunk_is_recomputed(engine):
-    """A chunk the store cannot serve becomes fresh tokens: same tokens as the HF engine under the same fault."""
+def test_chunk_damaged_on_disk_after_planning_is_recomputed(engine):
+    """A chunk whose file fails its checksum when the worker reads it becomes fresh text there: the
+    transformers engine's tokens under the same fault, and the worker reports the miss."""
     kb = engine.kb
-    lost = kb.key_for(kb.builder.encode(CHUNKS[1]))
-    kb.store.broken.add(lost)
+    path = kb.store.serialized[0].path(kb.key_for(kb.builder.encode(CHUNKS[1])))
     try:
-        result = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
-        assert result.stats.chunk_misses == 1 and result.stats.chunk_hits == 3
-        assert result.token_ids == hf_tokens(kb, CHUNKS)
-        assert result.stats.engine_cached_tokens == result.stats.tokens_total
-    finally:
-        kb.store.broken.clear()
-
-
-def test_chunk_damaged_on_disk_mid_request_is_recomputed(engine, tmp_path):
-    """A layer that fails its checksum while the blend reads it: the chunk is re-encoded, same tokens as clean."""
-    kb = engine.kb
-    clean = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS).token_ids
-    original = kb.store
-    kb.store = open_store(StoreConfig(disk_dir=str(tmp_path), cpu_bytes=0))
-    try:
-        kb.precompute(CHUNKS)
-        kb.store.flush()
-        with open(kb.store.serialized[0].path(kb.key_for(kb.builder.encode(CHUNKS[1]))), "r+b") as f:
+        with open(path, "r+b") as f:
             f.seek(-64, os.SEEK_END)  # inside the last layer
             f.write(b"\xff" * 8)
         result = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
-        assert result.token_ids == clean and kb.store.serialized[0].stats.corrupt == 1
+        assert result.stats.chunk_misses == 1 and result.stats.reused == [True, False, True, True]
+        assert result.stats.engine_cached_tokens == result.stats.tokens_total - 1
+        assert result.token_ids == hf_tokens(kb, CHUNKS)  # the damaged file is a miss here too
     finally:
-        kb.store.close()
-        kb.store = original
+        path.unlink(missing_ok=True)
+        kb.precompute(CHUNKS)
 
 
-def test_first_token_comes_from_the_blend(engine, monkeypatch):
-    """The blend's own last-token logits give the first token: one token needs no vLLM request at all;
-    sampled, the first token is the HF engine's and the whole answer reproducible under its seed."""
-    from kvblend.engines.sampling import Sampling
-
-    submitted = []
-    add_request = engine.llm.llm_engine.add_request
-    monkeypatch.setattr(engine.llm.llm_engine, "add_request", lambda *a, **k: submitted.append(a[0]) or add_request(*a, **k))
-    one = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=1)
-    assert one.token_ids == hf_tokens(engine.kb, CHUNKS)[:1] and not submitted
-    assert one.stats.engine_cached_tokens == 0 and one.stats.decode_s == 0.0 and only_spares_left(engine)
-    stop_ids = engine.kb.stop_ids
-    monkeypatch.setattr(engine.kb, "stop_ids", stop_ids | {one.token_ids[0]})  # a first token that stops
-    stopped = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
-    assert stopped.token_ids == one.token_ids and not submitted and only_spares_left(engine)
-    monkeypatch.setattr(engine.kb, "stop_ids", stop_ids)
-    hot = Sampling(temperature=0.9, seed=3)
-    first, again = (vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, sampling=hot) for _ in range(2))
-    assert len(submitted) == 2 and first.token_ids == again.token_ids  # seeded: reproducible
-    assert first.token_ids[0] == engine.kb.generate(CHUNKS, QUESTION, max_new_tokens=1, sampling=hot).token_ids[0]
-
-
-def test_handoff_of_a_prompt_prefix_serves_those_tokens(engine):
-    """A hand-off holds the KV of the tokens a prompt starts with: vLLM takes those and computes the
-    rest; a hand-off of other tokens is ignored (vLLM prefills everything)."""
+def test_a_plan_for_other_tokens_is_ignored(engine):
+    """A plan serves only a prompt that starts with its tokens: sent with another prompt, vLLM prefills."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    ids = engine.kb.build_prompt(CHUNKS, QUESTION).ids
-    cache, _ = full_prefill(engine.kb.model, torch.tensor(ids))
-    full = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full").token_ids
-    for covered, digest, cached in [(len(ids) - 6, prompt_digest(ids[:-6]), len(ids) - 6), (20, prompt_digest(ids[1:21]), 0)]:
-        key = uuid.uuid4().hex
-        engine.handoff.save(key, HandoffHeader(covered, digest), [x.keys[0, :, :covered] for x in cache.layers],
-                            [x.values[0, :, :covered] for x in cache.layers])
-        params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PARAM: key}})
-        out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-        engine.handoff.remove(key)
-        assert out.num_cached_tokens == cached and list(out.outputs[0].token_ids) == full
+    p = prepare(engine.kb, CHUNKS, QUESTION, "blend", None, engine.max_model_len)
+    other = engine.kb.build_prompt(CHUNKS[::-1], QUESTION).ids
+    params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PLAN: p.plan}})
+    out = engine.llm.generate([TokensPrompt(prompt_token_ids=other)], params, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 0 and list(out.outputs[0].token_ids) == hf_tokens(engine.kb, CHUNKS[::-1], "full")
 
 
-def test_unreadable_handoff_makes_vllm_recompute(engine):
-    """A hand-off that passes the scheduler's check but fails in the worker: vLLM recomputes the blocks."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    ids = engine.kb.build_prompt(CHUNKS, QUESTION).ids
-    pre = engine.kb.prefill(CHUNKS, QUESTION, "full")
-    layers = pre.cache.layers[:2]  # too few layers: the worker fails at layer 2
-    key = "ab" * 16
-    engine.handoff.save(key, HandoffHeader(len(ids) - 1, prompt_digest(ids[:-1])),
-                        [x.keys[0] for x in layers], [x.values[0] for x in layers])
-    params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PARAM: key}})
-    out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-    full = vllm(engine).generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
-    assert list(out.outputs[0].token_ids) == full.token_ids
-
-
-def test_requests_forked_from_one_share_its_handoff(engine):
-    """n = 2: vLLM forks the request and both forks carry the hand-off key. Forks loaded in the same
-    step share the file (it is reused only after the step); a fork scheduled later finds it gone and
-    vLLM recomputes it. Either way each fork decodes a correct cache, never another prompt's."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from kvblend.engines.vllm import prepare
-
-    p = prepare(engine.kb, engine.handoff, CHUNKS, QUESTION, "blend", None, engine.max_model_len)
-    params = SamplingParams(n=2, max_tokens=TOKENS, temperature=1.0, top_k=1, seed=0,  # greedy: vLLM refuses n > 1 at temperature 0
-                            extra_args={"kv_transfer_params": {PARAM: p.handoff_key}})
-    try:
-        out = engine.llm.generate([TokensPrompt(prompt_token_ids=p.ids)], params, use_tqdm=False)[0]
-    finally:
-        engine.handoff.remove(p.handoff_key)
+def test_requests_forked_from_one_are_each_blended(engine):
+    """n = 2: vLLM forks the request and both forks carry the plan; each fork decodes a correct
+    cache (the blend's, or vLLM's prefill where it had to recompute), never another prompt's."""
+    out = generate_planned(engine, CHUNKS, n=2, temperature=1.0, top_k=1, seed=0)  # greedy: vLLM refuses n > 1 at temperature 0
     blend, full = hf_tokens(engine.kb, CHUNKS, "blend"), hf_tokens(engine.kb, CHUNKS, "full")
     forks = [list(o.token_ids) for o in out.outputs]
     assert blend != full
     assert blend in forks and all(f in (blend, full) for f in forks)
-    assert only_spares_left(engine)
 
 
 def test_concurrent_requests_each_get_their_own_cache(engine):
-    """8 distinct blended prompts at once give the tokens each gives alone."""
+    """8 distinct blended prompts at once (blended in the same steps) give the tokens each gives alone."""
     requests = [([CHUNKS[(i + j) % 4] for j in range(1 + i % 4)], f"Question {i}: {QUESTION}") for i in range(8)]
     together = vllm(engine).generate_many(requests, max_new_tokens=TOKENS)
     alone = [vllm(engine).generate(c, q, max_new_tokens=TOKENS) for c, q in requests]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert len({tuple(r.token_ids) for r in alone}) > 1
-    assert all(r.stats.engine_cached_tokens == r.stats.tokens_total for r in together)
-    assert only_spares_left(engine) and any(engine.handoff.folder.glob("spare-*"))  # loaded files kept for reuse
+    assert all(r.stats.engine_cached_tokens == r.stats.tokens_total - 1 for r in together)
 
 
 def test_prompt_over_the_kv_cache_gets_vllms_error(engine):
@@ -217,25 +141,6 @@ def test_prompt_over_the_kv_cache_gets_vllms_error(engine):
     engine.kb.precompute(long_chunks)
     with pytest.raises(VLLMValidationError, match="maximum context length"):
         vllm(engine).generate(long_chunks, QUESTION, max_new_tokens=TOKENS)
-    assert only_spares_left(engine)
-
-
-def test_saved_prompt_kv_matches_transformers(engine):
-    """The optional save path reads vLLM's paged cache back (layout probed with vLLM's own write)."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    ids = engine.kb.build_prompt(CHUNKS[:2], QUESTION).ids
-    params = SamplingParams(max_tokens=1, temperature=0, extra_args={"kv_transfer_params": {"kvblend_save": True}})
-    out = engine.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-    key = out.kv_transfer_params["kvblend_saved"]
-    saved = HandoffDir(engine.save_dir)
-    assert saved.header(key) == HandoffHeader(len(ids) - 1, prompt_digest(ids[:-1]))
-    cache, _ = full_prefill(engine.kb.model, torch.tensor(ids))
-    with saved.open(key) as reader:
-        for i, layer in enumerate(cache.layers):
-            torch.testing.assert_close(reader.get_tensor(f"k.{i}"), layer.keys[0, :, :-1], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(reader.get_tensor(f"v.{i}"), layer.values[0, :, :-1], atol=1e-4, rtol=1e-4)
 
 
 def test_vllm_workers_run_on_tcmalloc(engine):
@@ -268,34 +173,48 @@ def test_vllm_workers_put_weights_on_huge_pages(engine):
 def test_blended_kv_never_serves_an_exact_request(tmp_path_factory):
     """With vLLM's prefix caching on, an exact (full) request after a blend of the same prompt does not
     reuse the blended blocks (it gets full prefill's tokens), while exact requests still share
-    theirs; a hand-off named without its salt is ignored."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from kvblend.engines.vllm import prepare
-
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny_prefix") / "llama", "llama", head_dim=64, heads=4, kv_heads=2)
-    kb = KVBlend(model=str(folder), store=MemoryStore())
-    kb.precompute(CHUNKS)
+    theirs; a plan sent without its salt is ignored."""
+    kb = tiny_kb(tmp_path_factory.mktemp("tiny_prefix"))
     expected = hf_tokens(kb, CHUNKS, "full")
     assert hf_tokens(kb, CHUNKS, "blend") != expected  # a leak would show in the tokens too
-    with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, handoff_dir=str(tmp_path_factory.mktemp("handoff_prefix")),
-                    prefix_caching=True, enforce_eager=True) as eng:
+    with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, prefix_caching=True, enforce_eager=True) as eng:
         on_vllm = kb.with_engine(eng)
         blended = on_vllm.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS)
-        assert blended.stats.engine_cached_tokens == blended.stats.tokens_total
+        assert blended.stats.engine_cached_tokens == blended.stats.tokens_total - 1
         exact = on_vllm.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
         assert exact.stats.engine_cached_tokens == 0 and exact.token_ids == expected
         again = on_vllm.generate(CHUNKS, QUESTION, max_new_tokens=TOKENS, method="full")
         assert again.stats.engine_cached_tokens > 0 and again.token_ids == expected  # exact blocks are shared
+        unsalted = generate_planned(eng, CHUNKS[::-1], salted=False)
+        assert list(unsalted.outputs[0].token_ids) == hf_tokens(kb, CHUNKS[::-1], "full")
+    kb.close()
 
-        p = prepare(kb, eng.handoff, CHUNKS[::-1], QUESTION, "blend", None, eng.max_model_len)
-        params = SamplingParams(max_tokens=TOKENS, temperature=0, extra_args={"kv_transfer_params": {PARAM: p.handoff_key}})
-        try:
-            out = eng.llm.generate([TokensPrompt(prompt_token_ids=p.ids)], params, use_tqdm=False)[0]  # no salt
-        finally:
-            eng.handoff.remove(p.handoff_key)
-        assert list(out.outputs[0].token_ids) == hf_tokens(kb, CHUNKS[::-1], "full")
+
+def test_the_engine_needs_a_store_its_worker_can_open(tmp_path, monkeypatch):
+    """KVBlend(engine="vllm") over a memory-only store gives it a temporary disk tier, which the
+    worker opens and close() removes; a store object (invisible to the worker) is refused before
+    vLLM starts."""
+    import kvblend.engines.vllm as vllm_engine
+
+    model = str(make_tiny_model(tmp_path / "llama", "llama"))
+    with pytest.raises(ValueError, match="disk or remote tier"):
+        VLLMEngine(KVBlend(model=model, store=MemoryStore()))
+
+    class Recorder:  # stands in for the engine: no vLLM start
+        def __init__(self, kb):
+            self.store = kb.config.store
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", Recorder)
+    kb = KVBlend(model=model, engine="vllm")
+    folder = kb.engine.store.disk_dir
+    assert folder and os.path.isdir(folder) and kb.config.store.disk_dir == folder and not kb.weights_loaded
+    kb.close()
+    assert not os.path.exists(folder)
+    kb = KVBlend(model=model)
+    assert kb.config.store.disk_dir is None  # the hf engine keeps a memory store
 
 
 def test_vllm_cpu_workers_get_every_core_unless_the_user_chose(monkeypatch):

@@ -24,8 +24,7 @@ def real_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-misses")
     with KVBlend(store=str(root / "store")) as kb:
         kb.precompute([CACHED])
-    args = ["--store", str(root / "store"), "--kv-cache-bytes", "512MiB", "--max-model-len", "8192",
-            "--handoff-dir", str(root / "handoff"), "--enforce-eager"]
+    args = ["--store", str(root / "store"), "--kv-cache-bytes", "512MiB", "--max-model-len", "8192", "--enforce-eager"]
     with kvblend_serve(args, root, up_within_s=400) as base, httpx.Client(timeout=600) as client:
         yield f"{base}/chat/completions", client
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,7 +27,6 @@ from kvblend.kernels import (
     rope_realign,
     rope_realign_span,
     rotate,
-    rotate_into,
     scatter_rows,
     selected_attention,
 )
@@ -102,7 +100,6 @@ class BlendState:
     cos: torch.Tensor
     sin: torch.Tensor
     question_start: int | None
-    kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None
     ranking: torch.Tensor | None  # [N] scores that replace the check layers' own (research: the eval's oracle)
     watch: Stopwatch
     group: int  # query heads per KV head
@@ -149,30 +146,26 @@ class BlendExecutor:
         question_start: int | None = None,
         config: BlendConfig | None = None,
         profile: bool = False,
-        kv_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         ranking: torch.Tensor | None = None,
     ) -> BlendOutput:
         """Blend one prompt: ids [N] with cached spans (any order of hits and fresh text).
 
-        `kv_out` gives each layer's (keys, values) destination [KV, N, D] (e.g. views into a
-        hand-off file) in place of fresh buffers. `ranking` ([N], higher first) replaces the check
-        layers' ranking of cached tokens: for research (kvblend.eval.oracle), not for requests."""
+        `ranking` ([N], higher first) replaces the check layers' ranking of cached tokens: for
+        research (kvblend.eval.oracle), not for requests."""
         if ranking is not None and ranking.shape != ids.shape:
             raise ValueError(f"ranking has shape {tuple(ranking.shape)}, the prompt {tuple(ids.shape)}")
-        s = self._start(ids, spans, question_start, self._checked(config or self.config), profile, kv_out, ranking)
+        s = self._start(ids, spans, question_start, self._checked(config or self.config), profile, ranking)
         for i in range(self.m.num_layers):
             self._layer(s, i)
         return BlendOutput(s.keys, s.values, self.m.logits(s.h)[-1], s.selected, dict(s.watch.totals))
 
-    def _start(self, ids, spans, question_start, cfg, profile, kv_out, ranking=None) -> BlendState:
+    def _start(self, ids, spans, question_start, cfg, profile, ranking=None) -> BlendState:
         """Check the request and set up its state: every token active before the first check layer
         (only the fresh ones when nothing is recomputed)."""
         m, n = self.m, ids.numel()
         self._check_length(n)
         spans = sorted(spans, key=lambda sp: sp.start)
         is_cached = _cached_mask(spans, n)
-        if kv_out is not None:
-            self._check_destinations(kv_out, n)
         sink = torch.zeros(n, dtype=torch.bool)
         for sp in spans:
             sink[sp.start : sp.start + min(cfg.sink_tokens, sp.kv.num_tokens)] = True
@@ -180,7 +173,7 @@ class BlendExecutor:
         s = BlendState(
             ids=ids.to(m.device), spans=spans, cfg=cfg, checks=dict(zip(cfg.check_layers, cfg.ratios())),
             is_cached=is_cached.to(m.device), sink=sink.to(m.device), cos=cos, sin=sin, question_start=question_start,
-            kv_out=kv_out, ranking=None if ranking is None else ranking.float().cpu(),
+            ranking=None if ranking is None else ranking.float().cpu(),
             watch=Stopwatch(profile, m.device), group=m.num_heads // m.num_kv_heads,
             generator=torch.Generator().manual_seed(cfg.seed),
         )
@@ -198,17 +191,6 @@ class BlendExecutor:
             raise ValueError(f"prompt of {n} tokens exceeds the model's context of {m.max_positions} positions")
         if m.sliding_window and n > m.sliding_window:
             raise ValueError(f"prompt of {n} tokens exceeds the model's sliding window of {m.sliding_window}")
-
-    def _check_destinations(self, kv_out, n):
-        m = self.m
-        want = (m.num_kv_heads, n, m.head_dim)
-        if len(kv_out) != m.num_layers:
-            raise ValueError(f"kv_out has {len(kv_out)} layers, the model {m.num_layers}")
-        for i, pair in enumerate(kv_out):
-            for t in pair:
-                if tuple(t.shape) != want or t.dtype != m.dtype or t.device != m.device:
-                    raise ValueError(f"kv_out layer {i}: {tuple(t.shape)} {t.dtype} on {t.device}, "
-                                     f"expected {want} {m.dtype} on {m.device}")
 
     def _layer(self, s: BlendState, i: int) -> None:
         """Layer i: Q/K/V of the active tokens, the fused KV, a selection at a check layer, then
@@ -241,13 +223,10 @@ class BlendExecutor:
     def _layer_kv(self, s: BlendState, i: int, k: torch.Tensor, v: torch.Tensor, fused: bool):
         """Layer i's (keys, values) [KV, N, D]: the cached rows realigned when `fused` (fresh rows
         are scattered after), else every row fresh, rotated straight into place."""
-        out = None if s.kv_out is None else s.kv_out[i]
         if fused:
-            return self._fused_buffers(s, i, k, out)
+            return self._fused_buffers(s, i, k)
         with s.watch("rope"):
-            if out is None:
-                return rotate(k, s.cos, s.sin), v
-            return rotate_into(k, s.cos, s.sin, out[0]), out[1].copy_(v)
+            return rotate(k, s.cos, s.sin), v
 
     def _last_token_only(self, s: BlendState, q: torch.Tensor) -> torch.Tensor:
         """Record which cached tokens were recomputed and keep only the last prompt token (its
@@ -257,14 +236,11 @@ class BlendExecutor:
         s.focus(s.active[-1:])
         return q[:, -1:]
 
-    def _fused_buffers(self, s: BlendState, i: int, k_fresh: torch.Tensor, out=None):
-        """Layer i's buffers (`out` or fresh) with every cached row realigned (fresh rows are scattered after)."""
-        if out is None:
-            kv_heads, d = k_fresh.shape[0], k_fresh.shape[2]
-            keys = torch.empty((kv_heads, s.n, d), dtype=k_fresh.dtype, device=k_fresh.device)
-            values = torch.empty_like(keys)
-        else:
-            keys, values = out
+    def _fused_buffers(self, s: BlendState, i: int, k_fresh: torch.Tensor):
+        """Layer i's buffers with every cached row realigned (fresh rows are scattered after)."""
+        kv_heads, d = k_fresh.shape[0], k_fresh.shape[2]
+        keys = torch.empty((kv_heads, s.n, d), dtype=k_fresh.dtype, device=k_fresh.device)
+        values = torch.empty_like(keys)
         for sp in s.spans:
             with s.watch("load"):
                 ck, cv = sp.kv.layer(i)

@@ -16,8 +16,8 @@ StoreOpt = Annotated[Optional[str], typer.Option("--store", help="KV store direc
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 EngineOpt = Annotated[str, typer.Option("--engine", help=(
-    r"decoding engine: hf (transformers), vllm (pip install 'kvblend\[vllm]') or vllm-worker (vLLM, blending in its "
-    r"worker on its weights; needs --store DIR)"))]  # \[: literal, not rich markup
+    r"decoding engine: hf (transformers) or vllm (blending in vLLM's worker on its weights; needs --store DIR; "
+    r"pip install 'kvblend\[vllm]')"))]  # \[: literal, not rich markup
 
 
 def recompute_ratio(value: str) -> float | str:

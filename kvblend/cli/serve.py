@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import tempfile
 from typing import Annotated, Optional
 
 import typer
@@ -23,51 +23,46 @@ def serve(
     recompute_ratio: RatioOpt = "0.15",
     kv_cache_bytes: Annotated[str, typer.Option(help="vLLM's KV cache size, e.g. 1GiB")] = "1GiB",
     max_model_len: Annotated[Optional[int], typer.Option(min=2, help="longest prompt + answer (default: the model's)")] = None,
-    handoff_dir: Annotated[Optional[Path], typer.Option(help="where fused KV waits for vLLM's worker (default: /dev/shm)")] = None,
     precompute_misses: Annotated[bool, typer.Option(help="encode chunks missing from the store after answering")] = True,
-    engine: Annotated[str, typer.Option(help=(
-        "vllm: blend in this process, hand the fused KV to vLLM; vllm-worker: blend inside vLLM's worker on its "
-        "own weights (needs --store: the worker opens it)"))] = "vllm",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
 ):
     """Serve /v1/completions and /v1/chat/completions; a body's `kvblend: {"chunks": [...]}` is blended.
 
-    Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
+    vLLM blends inside its worker on its own weights, with the chunks of --store (a folder or a
+    remote tier: the worker opens it; without one, a temporary folder that lives as long as the
+    server). Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
     Needs vLLM: pip install 'kvblend\\[vllm]' on CPU (docs/vllm.md).
     """
-    from kvblend.api import VLLM_ENGINES
     from kvblend.config import BlendConfig, KVBlendConfig, parse_bytes
     from kvblend.engines.vllm import connector_config, tune_worker_environment
-    from kvblend.engines.vllm_handoff import HandoffDir
     from kvblend.engines.vllm_plugin import LOAD_FORMAT
     from kvblend.engines.vllm_serve import MIDDLEWARE, SETTINGS_ENV, run_vllm_server
     from kvblend.models import resolve_model
 
     try:
-        if engine not in VLLM_ENGINES:
-            raise ValueError(f"--engine must be one of {', '.join(VLLM_ENGINES)}, not {engine!r}")
         cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
                             blend=BlendConfig(recompute_ratio=recompute_ratio))
         folder = resolve_model(model)
-        cache_bytes = int(parse_bytes(kv_cache_bytes))
-        in_worker = engine == "vllm-worker"
-        if in_worker and not (cfg.store.disk_dir or cfg.store.remote_url):
-            raise ValueError("--engine vllm-worker needs --store DIR (or a remote tier): vLLM's worker opens the store")
+        cache_bytes = parse_bytes(kv_cache_bytes)
+        if not isinstance(cache_bytes, int):
+            raise ValueError(f"--kv-cache-bytes: {kv_cache_bytes!r} is not a size (e.g. 512MiB, 1GiB)")
     except (ValueError, FileNotFoundError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    handoff = HandoffDir(handoff_dir)
-    handoff.clear_spares()  # left by a server that was killed
-    os.environ[SETTINGS_ENV] = json.dumps({"kvblend": cfg.model_dump(mode="json"), "handoff_dir": str(handoff.folder),
-                                           "precompute_misses": precompute_misses, "in_worker": in_worker})
+    scratch = None
+    if not (cfg.store.disk_dir or cfg.store.remote_url):  # vLLM's worker opens the store: it needs one it can see
+        scratch = tempfile.TemporaryDirectory(prefix="kvblend-store-")
+        cfg.store = cfg.store.model_copy(update={"disk_dir": scratch.name})
+        console.print(f"no --store: chunks are kept in {scratch.name} until the server stops")
+    os.environ[SETTINGS_ENV] = json.dumps({"kvblend": cfg.model_dump(mode="json"), "precompute_misses": precompute_misses})
     vllm_args = [
         "--model", folder, "--dtype", dtype, "--host", host, "--port", str(port),
         "--no-enable-prefix-caching", "--kv-cache-memory-bytes", str(cache_bytes),
-        "--kv-transfer-config", json.dumps(connector_config(str(handoff.folder), store=cfg.store if in_worker else None)),
-        "--middleware", MIDDLEWARE,
-    ] + (["--load-format", LOAD_FORMAT] if in_worker else [])
+        "--kv-transfer-config", json.dumps(connector_config(cfg.store)),
+        "--middleware", MIDDLEWARE, "--load-format", LOAD_FORMAT,
+    ]
     if max_model_len:
         vllm_args += ["--max-model-len", str(max_model_len)]
     if "--served-model-name" not in ctx.args:
@@ -77,4 +72,5 @@ def serve(
     try:
         run_vllm_server(vllm_args + list(ctx.args))
     finally:
-        handoff.clear_spares()
+        if scratch is not None:
+            scratch.cleanup()

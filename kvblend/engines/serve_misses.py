@@ -1,6 +1,6 @@
 """`kvblend serve`'s background work, kept behind the requests it serves.
 
-The model and the blend executor are shared, so one lock guards them. `BlendLock` gives requests
+Requests' planning and background encoding share the tokenizer and the model, so one lock guards them. `BlendLock` gives requests
 priority: background work takes the lock only while no request is waiting for it, and a request
 waits at most for the background step in progress. While requests are in flight (arrived, not yet
 answered: vLLM decodes them on the same cores), background steps are also deferred, by up to

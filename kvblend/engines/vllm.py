@@ -1,18 +1,12 @@
-"""vLLM engine: kvblend blends in this process (transformers), vLLM decodes from the fused KV.
+"""vLLM engine: vLLM decodes, and blends RAG prompts inside its own worker on its own weights.
 
-A blended request is prepared here (prompt built, blend run, fused KV of every prompt token
-written to a hand-off file). The blend already computed the last prompt token's logits, so the
-first token is sampled from them at once (vLLM would only recompute them); the prompt plus that
-token go to `vllm.LLM` with `kv_transfer_params` naming the hand-off, `KVBlendConnector` loads
-the prompt's KV into vLLM's paged cache, and vLLM decodes from the second token on, computing
-only the first token's step. Baselines run on vLLM too, so comparisons are like for like: `full`
-is plain vLLM prefill (prefix caching off, no hand-off); `prefix` uses a second `LLM` with
-automatic prefix caching.
-
-With `in_worker=True` the blend runs in vLLM's worker instead, on vLLM's own modules and weights
-(vLLM started with `load_format="kvblend"`): a blended request carries a plan (`vllm_blend`) in
-place of a hand-off, the worker's connector blends it and writes its fused KV, and vLLM computes
-the last prompt token and the first token. See docs/vllm.md.
+This process only tokenizes and plans: a blended request carries its plan (`vllm_blend`: token
+ids, chunk spans and keys, blend settings) in `kv_transfer_params`; vLLM runs with kvblend's load
+format (`vllm_plugin`) and KV connector (`vllm_connector`), whose worker side looks the chunks up
+in the store, blends on vLLM's modules and writes the fused KV into the request's blocks; vLLM
+then computes the last prompt token and decodes. Baselines run on vLLM too, so comparisons are
+like for like: `full` is plain vLLM prefill (prefix caching off); `prefix` uses a second `LLM`
+with automatic prefix caching. See docs/vllm.md.
 """
 from __future__ import annotations
 
@@ -26,13 +20,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from kvblend.blend.executor import REUSE
 from kvblend.config import BlendConfig, StoreConfig
 from kvblend.engines.sampling import Sampling
-from kvblend.engines.vllm_blend import PLAN, REPORT_PARAM, make_plan
-from kvblend.engines.vllm_handoff import PARAM, HandoffDir, blend_salt
+from kvblend.engines.vllm_blend import PLAN, REPORT_PARAM, blend_salt, make_plan
 from kvblend.engines.vllm_plugin import LOAD_FORMAT
 from kvblend.models import resolve_model
 from kvblend.results import METHODS, RequestStats, TokenEvent
@@ -71,11 +62,10 @@ def tune_worker_environment(threads: int | None = None) -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
-def connector_config(handoff_dir: str, save_dir: str | None = None, store: StoreConfig | None = None) -> dict[str, Any]:
+def connector_config(store: StoreConfig | None) -> dict[str, Any]:
     """The `KVTransferConfig` fields that load kvblend's connector (also the JSON of --kv-transfer-config).
-    `store` is the store in-worker blends read (it must have a disk or remote tier)."""
-    extra = ({"handoff_dir": handoff_dir} | ({"save_dir": save_dir} if save_dir else {})
-             | ({"store": store.model_dump(mode="json")} if store is not None else {}))
+    `store` is the store the worker's blends read (it needs a disk or remote tier; None: no blends)."""
+    extra = {"store": store.model_dump(mode="json")} if store is not None else {}
     return {
         "kv_connector": "KVBlendConnector",
         "kv_connector_module_path": "kvblend.engines.vllm_connector",
@@ -97,32 +87,26 @@ def take_worker_report(stats: RequestStats, transfer_params: dict[str, Any] | No
 
 @dataclass
 class Prepared:
-    """A request ready for vLLM: its prompt ids and, when blended here, its hand-off key and the
-    blend's last-token logits, or, when blended in vLLM's worker, its plan."""
+    """A request ready for vLLM: its prompt ids, its stats so far and, when blended, its plan."""
 
     ids: list[int]
     stats: RequestStats
-    handoff_key: str | None = None
-    logits: torch.Tensor | None = None
-    tokens: list[int] = field(default_factory=list)
     plan: dict[str, Any] | None = None
-
-    @property
-    def blend_key(self) -> str | None:
-        """What names the request's blended KV (its `cache_salt` is `blend_salt` of it), if any."""
-        return self.handoff_key or (self.plan["id"] if self.plan else None)
+    tokens: list[int] = field(default_factory=list)
 
     def transfer_params(self) -> dict[str, Any] | None:
         """The request's `kv_transfer_params` for kvblend's connector."""
-        if self.plan is not None:
-            return {PLAN: self.plan}
-        return {PARAM: self.handoff_key} if self.handoff_key else None
+        return {PLAN: self.plan} if self.plan is not None else None
+
+    def salt(self) -> str | None:
+        """The request's `cache_salt`: a blended request's blocks never serve another request."""
+        return blend_salt(self.plan["id"]) if self.plan is not None else None
 
 
-def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str, method: str,
-            config: BlendConfig | None, max_model_len: int, in_worker: bool = False) -> Prepared:
-    """Build the prompt; for blend/reuse with at least one cached chunk, blend into a hand-off file
-    (`in_worker`: plan the blend that vLLM's worker runs; chunks missing by then are fresh text there).
+def prepare(kb: "KVBlend", chunks: list[str], question: str, method: str, config: BlendConfig | None,
+            max_model_len: int) -> Prepared:
+    """Build the prompt; for blend/reuse with at least one cached chunk, plan the blend that vLLM's
+    worker runs (chunks missing by then are fresh text there).
 
     With no chunk in the store, blending would be a slow full prefill, so vLLM prefills instead.
     A prompt over vLLM's max_model_len goes to vLLM untouched, which rejects it with its own error.
@@ -131,59 +115,39 @@ def prepare(kb: "KVBlend", handoff: HandoffDir, chunks: list[str], question: str
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     t0 = time.perf_counter()
     prompt = kb.build_prompt(chunks, question)
-    ids = prompt.ids
-    stats = RequestStats(method=method, tokens_total=len(ids))
-    chunk_ids = [seg.ids for seg in prompt.segments if seg.chunk is not None]
-    if method in ("blend", "reuse") and len(ids) <= max_model_len:
-        stored = [kb.store.contains(kb.key_for(c)) for c in chunk_ids]
+    stats = RequestStats(method=method, tokens_total=len(prompt.ids))
+    plan = None
+    if method in ("blend", "reuse") and len(prompt.ids) <= max_model_len:
+        stored = [kb.store.contains(kb.key_for(seg.ids)) for seg in prompt.segments if seg.chunk is not None]
+        stats.chunk_hits, stats.chunk_misses = sum(stored), len(stored) - sum(stored)  # as planned: the worker looks again
         if any(stored):
-            if in_worker:  # the counts as planned: the worker looks the chunks up again
-                plan = make_plan(kb, prompt, REUSE if method == "reuse" else config or kb.config.blend)
-                stats.chunk_hits, stats.chunk_misses = sum(stored), len(stored) - sum(stored)
-                stats.stages_s["prepare"] = time.perf_counter() - t0
-                return Prepared(ids, stats, plan=plan)
-            m = kb.adapter
-            with handoff.filling(ids, m.num_layers, m.num_kv_heads, m.head_dim, m.dtype) as (key, layers):
-                pre = kb.prefill(chunks, question, method, config, prompt=prompt, kv_out=layers)  # blends into the file
-                del layers
-            stats = pre.stats
-            stats.stages_s["prepare"] = time.perf_counter() - t0
-            return Prepared(ids, stats, key, pre.logits)
-        stats.chunk_misses = len(chunk_ids)
+            plan = make_plan(kb, prompt, REUSE if method == "reuse" else config or kb.config.blend)
     stats.stages_s["prepare"] = time.perf_counter() - t0
-    return Prepared(ids, stats)
+    return Prepared(list(prompt.ids), stats, plan)
 
 
 class VLLMEngine:
-    """Decodes kvblend prompts with `vllm.LLM`; blended prompts arrive through the KV connector.
+    """Decodes kvblend prompts with `vllm.LLM`, which blends them in its worker (one copy of the weights).
 
-    Holds a second copy of the model's weights (vLLM's) beside the transformers model the blend
-    runs on. `kv_cache_bytes` caps vLLM's KV cache (on CPU, vLLM would otherwise take most of RAM).
-    With `prefix_caching`, the connector's `LLM` also keeps vLLM's prefix cache for exact requests
-    (blended blocks never enter it: `blend_salt`); it is off by default so that `full` measures a
-    plain prefill, and `prefix` gets its own `LLM`.
-
-    `in_worker` (opt-in) blends in vLLM's worker on vLLM's weights (load format `kvblend`); the
-    worker opens the store from `kb.config.store`, so that needs a disk or remote tier (a store
-    object handed to `KVBlend` is not visible there). The first token then comes from vLLM.
+    `kv_cache_bytes` caps vLLM's KV cache (on CPU, vLLM would otherwise take most of RAM). With
+    `prefix_caching`, the blending `LLM` also keeps vLLM's prefix cache for exact requests (blended
+    blocks never enter it: `blend_salt`); it is off by default so that `full` measures a plain
+    prefill, and `prefix` gets its own `LLM`. The worker opens the store from `kb.config.store`,
+    so that needs a disk or remote tier (a store object handed to `KVBlend` is not visible there).
     """
 
     methods = METHODS
 
     def __init__(self, kb: "KVBlend", kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_model_len: int | None = None,
-                 handoff_dir: str | None = None, save_dir: str | None = None, prefix_caching: bool = False,
-                 in_worker: bool = False, **llm_options: Any):
-        if in_worker and not (kb.config.store.disk_dir or kb.config.store.remote_url):
-            raise ValueError("in_worker: vLLM's worker opens the store from kb.config.store, which needs a disk or "
-                             "remote tier (an in-memory store there would be another, empty one)")
-        self.kb, self.in_worker = kb, in_worker
-        self.handoff = HandoffDir(handoff_dir)
-        self.handoff.clear_spares()  # left by a process that was killed
-        self.save_dir = save_dir
+                 prefix_caching: bool = False, **llm_options: Any):
+        if not (kb.config.store.disk_dir or kb.config.store.remote_url):
+            raise ValueError("the vllm engine blends in vLLM's worker, which opens the store from kb.config.store: it "
+                             "needs a disk or remote tier (a store object handed to KVBlend, or one in memory, would "
+                             "be invisible there)")
+        self.kb = kb
         self._options = dict(model=resolve_model(kb.config.model), dtype=kb.config.dtype, seed=0,
-                             kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len) | llm_options
-        if in_worker:
-            self._options["load_format"] = LOAD_FORMAT
+                             kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
+                             load_format=LOAD_FORMAT) | llm_options
         self.llm = self._start(prefix_caching, connector=True)
         self._prefix_llm = None
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
@@ -198,8 +162,7 @@ class VLLMEngine:
             raise ImportError(f"the vllm engine needs vLLM ({exc}): pip install 'kvblend[vllm]' on CPU, "
                               "pip install vllm on CUDA; see docs/vllm.md") from exc
 
-        store = self.kb.config.store if self.in_worker else None
-        transfer = KVTransferConfig(**connector_config(str(self.handoff.folder), self.save_dir, store)) if connector else None
+        transfer = KVTransferConfig(**connector_config(self.kb.config.store)) if connector else None
         if self.kb.config.device == "cpu":
             tune_worker_environment(self.kb.config.threads)
         return LLM(enable_prefix_caching=prefix_caching, kv_transfer_config=transfer, **self._options)
@@ -212,14 +175,13 @@ class VLLMEngine:
         return self._prefix_llm
 
     def close(self) -> None:
-        """Stop vLLM's engine processes and free the spare hand-off files."""
+        """Stop vLLM's engine processes."""
         try:
             for llm in (self.llm, self._prefix_llm):
                 if llm is not None:
                     llm.llm_engine.engine_core.shutdown()
         finally:
             self._prefix_llm = None
-            self.handoff.clear_spares()
 
     def __enter__(self) -> "VLLMEngine":
         return self
@@ -229,12 +191,16 @@ class VLLMEngine:
 
     # -- chunks ---------------------------------------------------------------------------------
     def warm(self, texts: Iterable[str]) -> None:
-        """Once `prefix` has been used, give the prefix cache its view of newly stored chunks.
+        """After a precompute: land the store's writes, which vLLM's worker reads, and, once `prefix`
+        has been used, give the prefix cache its view of the newly stored chunks.
 
         It is warmed with one request over the chunks in the given order: what earlier traffic over
         the same documents would have left there. Requests that put the chunks in another order then
         hit only as far as their prefix matches.
         """
+        flush = getattr(self.kb.store, "flush", None)
+        if flush is not None:
+            flush()
         if self._prefix_llm is not None:
             for _ in self.run([(list(texts), "")], 1, "prefix", Sampling(), None):
                 pass
@@ -261,37 +227,24 @@ class VLLMEngine:
 
     def run(self, requests: Sequence[tuple[list[str], str]], max_new_tokens: int, method: str, sampling: Sampling,
             config: BlendConfig | None, keep_prefill: bool = False) -> Iterator[TokenEvent]:
-        """Prepare and submit each request in turn (vLLM starts on one while the next blends), then
-        yield each request's new tokens as they come. A blended request's first token comes from the
-        blend's logits as soon as it ends (in_worker: from vLLM). TTFT counts from the batch's
-        start. vLLM keeps no prefill to hand back, so `keep_prefill` is ignored."""
+        """Prepare and submit each request in turn, then yield each request's new tokens as they
+        come. TTFT counts from the batch's start. vLLM keeps no prefill to hand back, so
+        `keep_prefill` is ignored."""
         from vllm.inputs import TokensPrompt
 
-        llm = self._llm_for(method)
-        engine = llm.llm_engine
+        engine = self._llm_for(method).llm_engine
         started = time.perf_counter()
-        prepared: list[Prepared] = []
         running: dict[str, tuple[int, Prepared]] = {}
         unfinished: set[str] = set()
         try:
             for i, (chunks, question) in enumerate(requests):
-                p = prepare(self.kb, self.handoff, chunks, question, method, config, self.max_model_len, self.in_worker)
-                prepared.append(p)
-                prompt, max_tokens, first = p.ids, max_new_tokens, []
-                if p.logits is not None:
-                    first = [sampling.pick(p.logits, torch.Generator().manual_seed(sampling.seed))]
-                    p.tokens, p.stats.ttft_s = list(first), time.perf_counter() - started
-                    prompt, max_tokens = p.ids + first, max_new_tokens - 1
-                    if first[0] in self.kb.stop_ids or len(prompt) > self.max_model_len:
-                        max_tokens = 0  # done: nothing left for vLLM to decode
-                if max_tokens > 0:
-                    req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
-                    salt = {"cache_salt": blend_salt(p.blend_key)} if p.blend_key else {}
-                    engine.add_request(req_id, TokensPrompt(prompt_token_ids=prompt, **salt), self._sampling_params(max_tokens, sampling, p))
-                    running[req_id] = (i, p)
-                    unfinished.add(req_id)
-                if first:
-                    yield TokenEvent(i, p.stats, first)
+                p = prepare(self.kb, chunks, question, method, config, self.max_model_len)
+                req_id = f"kvblend-{next(self._ids)}"  # outputs carry this id (vLLM adds a suffix internally)
+                salt = {"cache_salt": s} if (s := p.salt()) else {}
+                engine.add_request(req_id, TokensPrompt(prompt_token_ids=p.ids, **salt),
+                                   self._sampling_params(max_new_tokens, sampling, p))
+                running[req_id] = (i, p)
+                unfinished.add(req_id)
             while unfinished:
                 outputs = engine.step()
                 self._last_step = time.perf_counter()
@@ -313,9 +266,3 @@ class VLLMEngine:
         finally:
             if unfinished:
                 engine.abort_request(list(unfinished))
-            submitted = {p.handoff_key for _, p in running.values() if p.handoff_key}  # vLLM's worker recycles these once loaded
-            for p in prepared:
-                if p.handoff_key in submitted:
-                    self.handoff.remove(p.handoff_key)  # loaded (now a spare) or never reached: gone either way
-                elif p.handoff_key:
-                    self.handoff.release(p.handoff_key)  # unused (the answer ended at its first token): a spare

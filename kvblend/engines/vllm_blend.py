@@ -1,5 +1,5 @@
-"""The in-worker blend's plan: what the kvblend process sends instead of a hand-off file, and what
-vLLM's worker does with it (docs/vllm.md, "Blending inside vLLM's worker").
+"""The blend plan: what the process that accepts a request sends to vLLM's worker, and what the
+worker does with it (docs/vllm.md, "How the vLLM engine blends").
 
 A plan travels in a request's `kv_transfer_params` under `PLAN`, as plain JSON data:
 
@@ -51,6 +51,15 @@ def make_plan(kb: "KVBlend", prompt: "Prompt", config: BlendConfig) -> dict[str,
             "question_start": prompt.starts()[-1], "blend": config.model_dump(mode="json")}
 
 
+def blend_salt(plan_id: str) -> str:
+    """The `cache_salt` a request carrying plan `plan_id` is sent with.
+
+    vLLM mixes a request's salt into its prefix-cache block hashes, so the blocks a blend filled
+    (approximate KV) can only ever match a request with the same salt: never an exact request,
+    never another blend. Prefix caching can then stay on for everything else."""
+    return f"kvblend-blend-{plan_id}"
+
+
 def plan_tokens(plan: object) -> list[int] | None:
     """The prompt ids a plan from a request body covers, or None if it is not a well-formed plan."""
     if not isinstance(plan, dict) or not isinstance(plan.get("id"), str):
@@ -62,13 +71,14 @@ def plan_tokens(plan: object) -> list[int] | None:
 
 
 class FusedKV:
-    """A blend's fused KV (per layer [kv_heads, N, head_dim]) read as a hand-off file is (`layer_kv`)."""
+    """A blend's fused KV: per layer (keys, values) [kv_heads, N, head_dim], keys rotated at absolute positions."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self._tensors = {f"k.{i}": k for i, k in enumerate(keys)} | {f"v.{i}": v for i, v in enumerate(values)}
+        self.keys, self.values = keys, values
 
-    def get_slice(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
+    def layer(self, i: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens start..end-1 of layer i as vLLM's cache-write ops take them: [tokens, kv_heads, head_dim]."""
+        return self.keys[i][:, start:end].transpose(0, 1), self.values[i][:, start:end].transpose(0, 1)
 
 
 class WorkerBlender:

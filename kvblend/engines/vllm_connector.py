@@ -1,41 +1,35 @@
-"""kvblend's out-of-tree vLLM KV connector: feeds a blended prompt's fused KV to vLLM.
+"""kvblend's out-of-tree vLLM KV connector: blends a RAG prompt inside vLLM's worker.
 
 Loaded by vLLM itself (no patch), in the scheduler process and in each worker:
 
     KVTransferConfig(kv_connector="KVBlendConnector",
                      kv_connector_module_path="kvblend.engines.vllm_connector",
                      kv_role="kv_both", kv_load_failure_policy="recompute",
-                     kv_connector_extra_config={"handoff_dir": ..., "save_dir": ..., "store": ...})
+                     kv_connector_extra_config={"store": ...})   # kvblend.engines.vllm.connector_config()
 
-Scheduler side: a request whose `kv_transfer_params` names a hand-off (see `vllm_handoff`) of
+Scheduler side: a request whose `kv_transfer_params` carry a blend plan (`vllm_blend.PLAN`) for
 tokens its prompt starts with gets those tokens, up to all but the prompt's last, reported as
-externally computed; vLLM computes the rest (at least the last token) and decodes. Anything else passes
-through untouched. Worker side: the fused KV is written into the paged cache layer by layer, in
-`wait_for_layer_load` just before each layer's attention, with the attention backend's own write
-(`impl.do_kv_cache_update`: `cpu_attn_reshape_and_cache` on CPU, `reshape_and_cache_flash` on
-CUDA FlashAttention). A hand-off that cannot be read is reported as failed blocks and vLLM
-recomputes them. vLLM's prefix caching may stay on: blended requests carry their hand-off's
-`cache_salt` (`blend_salt`), so blocks filled from a hand-off never match an exact request, and a
-hand-off named without its salt is ignored.
+externally computed; vLLM computes the rest (at least the last token) and decodes. Anything else
+passes through untouched. vLLM's prefix caching may stay on: blended requests carry their plan's
+`cache_salt` (`blend_salt`), so blocks a blend filled never match an exact request, and a plan
+sent without its salt is ignored.
 
-In-worker blend: a request whose `kv_transfer_params` carry a blend plan (`vllm_blend.PLAN`) in
-place of a hand-off is blended here, in `start_load_kv`, one request after another before the
+Worker side: each plan is blended in `start_load_kv`, one request after another before the
 step's forward, on the model vLLM loaded (vLLM started with `load_format="kvblend"`; see
-`vllm_blend`) with the store of the extra config's `store` (a StoreConfig as a dict), and its
-fused KV goes through the same layer-by-layer write. A blend that fails (no kvblend load format,
-no store configured or one that cannot be opened, any error) is reported as failed blocks:
-vLLM recomputes the request. The blend's counts and times (`RequestStats` fields) go back to the
-scheduler with the step's output (`BlendReports`, vLLM's worker-metadata channel) and reach the
-caller in the finished output's `kv_transfer_params` as `kvblend_blend` (empty: vLLM recomputed the
-request). Optional save path: a request with `kvblend_save: true` has its prompt KV
-(all tokens but the last) written to `save_dir` in the hand-off format; the response's
-`kv_transfer_params` carries the file's key as `kvblend_saved`.
+`vllm_blend`) with the store of the extra config's `store` (a StoreConfig as a dict). The fused KV
+is written into the paged cache layer by layer, in `wait_for_layer_load` just before each layer's
+attention, with the attention backend's own write (`impl.do_kv_cache_update`:
+`cpu_attn_reshape_and_cache` on CPU, `reshape_and_cache_flash` on CUDA FlashAttention). A blend
+that fails (no kvblend load format, no store configured or one that cannot be opened, any error) is
+reported as failed blocks: vLLM recomputes the request. The blend's counts and times
+(`RequestStats` fields) go back to the scheduler with the step's output (`BlendReports`, vLLM's
+worker-metadata channel) and reach the caller in the finished output's `kv_transfer_params` as
+`kvblend_blend` (empty: vLLM recomputed the request).
 """
 from __future__ import annotations
 
 import logging
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +37,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole,
                                                               KVConnectorWorkerMetadata)
 
-from kvblend.engines.vllm_blend import PLAN, REPORT_PARAM, WorkerBlender, plan_tokens
-from kvblend.engines.vllm_handoff import PARAM, HandoffDir, HandoffHeader, blend_salt, is_handoff_key, layer_kv, prompt_digest
-from kvblend.engines.vllm_layout import gather_tokens, probe_block_layout
+from kvblend.engines.vllm_blend import PLAN, REPORT_PARAM, FusedKV, WorkerBlender, blend_salt, plan_tokens
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -57,7 +49,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
-SAVE_PARAM, SAVED_PARAM = "kvblend_save", "kvblend_saved"
 _LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 
 
@@ -70,26 +61,13 @@ def layer_index(layer_name: str) -> int:
 
 @dataclass
 class LoadSpec:
-    """Write tokens start..end-1 of a request's hand-off (`key`), or of its blend plan's fused KV
-    (`plan`, whose id is `key`), into its blocks."""
+    """Blend a request's plan (whose id is `key`) and write tokens start..end-1 of its fused KV into its blocks."""
 
     req_id: str
     key: str
     start: int
     end: int
-    block_ids: list[int] = field(default_factory=list)
-    plan: dict[str, Any] | None = None
-
-
-@dataclass
-class SaveSpec:
-    """Read a request's prompt tokens 0..num_tokens-1 out of its blocks into save_dir/<key>."""
-
-    req_id: str
-    key: str
-    num_tokens: int
-    digest: str
-    prompt_len: int
+    plan: dict[str, Any]
     block_ids: list[int] = field(default_factory=list)
 
 
@@ -98,7 +76,6 @@ class KVBlendMetadata(KVConnectorMetadata):
     """One step's work for the workers: plain data, pickled across processes."""
 
     loads: list[LoadSpec] = field(default_factory=list)
-    saves: list[SaveSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -115,7 +92,7 @@ class BlendReports(KVConnectorWorkerMetadata):
 @dataclass
 class _ActiveLoad:
     spec: LoadSpec
-    reader: Any
+    fused: FusedKV
     slots: torch.Tensor
     pending: set[str]
 
@@ -127,14 +104,10 @@ class KVBlendConnector(KVConnectorBase_V1):
         if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
             raise NotImplementedError("KVBlendConnector supports one worker (tensor and pipeline parallel size 1)")
         extra = self._kv_transfer_config.kv_connector_extra_config
-        self._handoff = HandoffDir(extra.get("handoff_dir"))
-        self._save_dir = HandoffDir(extra["save_dir"]) if extra.get("save_dir") else None
         self._block_size = vllm_config.cache_config.block_size
         self._prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         # scheduler side
         self._loads: dict[str, LoadSpec] = {}
-        self._saves: dict[str, SaveSpec] = {}
-        self._saved: dict[str, str] = {}  # req_id -> key of its saved prompt KV
         self._blending: set[str] = set()  # requests whose plan went to the worker, not finished yet
         self._reports: dict[str, dict[str, Any]] = {}  # their blend reports, until they finish
         self._awaiting: dict[str, dict[str, Any]] = {}  # finished in the step that blended them: filled when its report comes
@@ -145,39 +118,29 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._failed_blocks: set[int] = set()
         self._step_reports: dict[str, dict[str, Any]] = {}
         self._blender = WorkerBlender(extra.get("store"))
-        self._layouts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._saving: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def requires_kv_delivery(self) -> bool:
-        return False  # saves are best effort: a dropped one is a future miss
+        return False  # nothing leaves vLLM through this connector: it only fills blocks
 
     # -- scheduler side -------------------------------------------------------------------------
-    def _matching(self, request: "Request") -> tuple[str, int, dict[str, Any] | None] | None:
-        """(key, tokens it covers, plan or None) when the request names a hand-off, or carries a
-        blend plan, of tokens its prompt starts with."""
+    def _matching(self, request: "Request") -> tuple[str, int, dict[str, Any]] | None:
+        """(plan id, tokens it covers, plan) when the request carries a blend plan of tokens its prompt starts with."""
         params = request.kv_transfer_params or {}
-        prompt = list(request.prompt_token_ids or [])
-        if PLAN in params:
-            plan = params[PLAN]
-            ids = plan_tokens(plan)
-            if ids is None or len(ids) > len(prompt) or prompt[: len(ids)] != ids:
-                log.warning("request %s's blend plan is malformed or not for its prompt: vLLM prefills it", request.request_id)
-                return None
-            key, covered = plan["id"], len(ids)
-        elif (key := params.get(PARAM)) is not None:
-            header = self._handoff.header(key) if is_handoff_key(key) else None
-            if header is None or not 0 < header.num_tokens <= len(prompt) or prompt_digest(prompt[: header.num_tokens]) != header.digest:
-                log.warning("hand-off %r is missing or not for request %s's prompt: vLLM prefills it", key, request.request_id)
-                return None
-            plan, covered = None, header.num_tokens
-        else:
+        if PLAN not in params:
             return None
+        prompt = list(request.prompt_token_ids or [])
+        plan = params[PLAN]
+        ids = plan_tokens(plan)
+        if ids is None or len(ids) > len(prompt) or prompt[: len(ids)] != ids:
+            log.warning("request %s's blend plan is malformed or not for its prompt: vLLM prefills it", request.request_id)
+            return None
+        key = plan["id"]
         if self._prefix_caching and request.cache_salt != blend_salt(key):
-            log.warning("request %s names blend %r without its cache_salt: with prefix caching on, its blended "
+            log.warning("request %s carries blend plan %r without its cache_salt: with prefix caching on, its blended "
                         "blocks could serve exact requests, so vLLM prefills it", request.request_id, key)
             return None
-        return key, min(covered, len(prompt) - 1), plan
+        return key, min(len(ids), len(prompt) - 1), plan
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         match = self._matching(request)
@@ -186,45 +149,24 @@ class KVBlendConnector(KVConnectorBase_V1):
         return max(0, match[1] - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
-        prompt = list(request.prompt_token_ids or [])
-        end = len(prompt) - 1
-        if num_external_tokens > 0:
-            match = self._matching(request)
-            if match is not None:
-                key, covered, plan = match
-                self._loads[request.request_id] = LoadSpec(request.request_id, key, covered - num_external_tokens, covered,
-                                                           plan=plan)
-        wants_save = (request.kv_transfer_params or {}).get(SAVE_PARAM)
-        if wants_save and self._save_dir is not None and end > 0 and request.request_id not in self._saves:
-            self._saves[request.request_id] = SaveSpec(request.request_id, uuid.uuid4().hex, end, prompt_digest(prompt[:end]), len(prompt))
+        if num_external_tokens > 0 and (match := self._matching(request)) is not None:
+            key, covered, plan = match
+            self._loads[request.request_id] = LoadSpec(request.request_id, key, covered - num_external_tokens, covered, plan)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        """Hand each request whose blocks were just allocated (new or resumed) its load."""
         meta = KVBlendMetadata()
-        scheduled = scheduler_output.num_scheduled_tokens
-        for new in scheduler_output.scheduled_new_reqs:
-            self._step(meta, new.req_id, list(new.block_ids[0]), True, new.num_computed_tokens + scheduled.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):
-            new_blocks = cached.new_block_ids[i]
-            blocks = list(new_blocks[0]) if new_blocks is not None else []
-            done = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
-            self._step(meta, req_id, blocks, req_id in cached.resumed_req_ids, done)
-        return meta
-
-    def _step(self, meta: KVBlendMetadata, req_id: str, blocks: list[int], replace: bool, computed_after: int) -> None:
-        """Emit a request's pending load, and its save once its prompt is fully computed."""
-        if req_id in self._loads:
-            spec = self._loads.pop(req_id)
-            spec.block_ids = blocks  # a new or resumed request's full block list
-            meta.loads.append(spec)
-            if spec.plan is not None:
+        scheduled = [(new.req_id, list(new.block_ids[0])) for new in scheduler_output.scheduled_new_reqs]
+        scheduled += [(req_id, list(blocks[0]) if blocks is not None else [])
+                      for req_id, blocks in zip(cached.req_ids, cached.new_block_ids)]
+        for req_id, blocks in scheduled:
+            if req_id in self._loads:
+                spec = self._loads.pop(req_id)
+                spec.block_ids = blocks  # a new or resumed request's full block list
+                meta.loads.append(spec)
                 self._blending.add(req_id)
-        save = self._saves.get(req_id)
-        if save is not None:
-            save.block_ids = blocks if replace else save.block_ids + blocks
-            if computed_after >= save.prompt_len:
-                meta.saves.append(self._saves.pop(req_id))
-                self._saved[req_id] = save.key
+        return meta
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
         meta = connector_output.kv_connector_worker_meta
@@ -238,17 +180,13 @@ class KVBlendConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._loads.pop(req_id, None)
-        self._saves.pop(req_id, None)
-        params: dict[str, Any] = {}
-        if key := self._saved.pop(req_id, None):
-            params[SAVED_PARAM] = key
-        if req_id in self._blending:
-            self._blending.discard(req_id)
-            # A request can finish in the step that blended it (one token asked for): vLLM frees it
-            # before it hands this connector that step's worker output, and sends the output only after,
-            # so the report is written into the params here when it comes (update_connector_output).
-            params[REPORT_PARAM] = self._reports.pop(req_id, None) or self._awaiting.setdefault(req_id, {})
-        return False, params or None
+        if req_id not in self._blending:
+            return False, None
+        self._blending.discard(req_id)
+        # A request can finish in the step that blended it (one token asked for): vLLM frees it
+        # before it hands this connector that step's worker output, and sends the output only after,
+        # so the report is written into the params here when it comes (update_connector_output).
+        return False, {REPORT_PARAM: self._reports.pop(req_id, None) or self._awaiting.setdefault(req_id, {})}
 
     # -- worker side ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
@@ -261,20 +199,17 @@ class KVBlendConnector(KVConnectorBase_V1):
         if self._active or not meta.loads:
             return  # called again after the forward (async-load hook); our loads are synchronous
         for spec in meta.loads:
-            try:  # a plan is blended here, one request after another, before the step's forward
-                if spec.plan is None:
-                    reader = self._handoff.open(spec.key)
-                else:
-                    reader, stats = self._blender.fused_kv(spec.plan)
-                    self._step_reports[spec.req_id] = stats.as_dict()
-            except Exception as exc:  # gone, damaged or not blendable: vLLM recomputes these blocks
-                log.warning("blend %s unusable (%s): vLLM recomputes request %s", spec.key, exc, spec.req_id)
+            try:  # blended here, one request after another, before the step's forward
+                fused, stats = self._blender.fused_kv(spec.plan)
+                self._step_reports[spec.req_id] = stats.as_dict()
+            except Exception as exc:  # not blendable: vLLM recomputes these blocks
+                log.warning("blend %s failed (%s): vLLM recomputes request %s", spec.key, exc, spec.req_id)
                 self._fail(spec)
                 continue
             pos = torch.arange(spec.start, spec.end)
             blocks = torch.tensor(spec.block_ids, dtype=torch.long)
             slots = blocks[pos // self._block_size] * self._block_size + pos % self._block_size
-            self._active.append(_ActiveLoad(spec, reader, slots, set(self._kv_layers)))
+            self._active.append(_ActiveLoad(spec, fused, slots, set(self._kv_layers)))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         for load in self._active:
@@ -283,7 +218,7 @@ class KVBlendConnector(KVConnectorBase_V1):
             load.pending.discard(layer_name)
             layer = self._layers[layer_name]
             try:
-                k, v = layer_kv(load.reader, layer_index(layer_name), load.spec.start, load.spec.end)
+                k, v = load.fused.layer(layer_index(layer_name), load.spec.start, load.spec.end)
                 cache = layer.kv_cache
                 layer.impl.do_kv_cache_update(layer, k.to(cache.device, cache.dtype), v.to(cache.device, cache.dtype),
                                               cache, load.slots.to(cache.device))
@@ -298,40 +233,14 @@ class KVBlendConnector(KVConnectorBase_V1):
         self._failed_blocks.update(spec.block_ids[first : last + 1])
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
-        if not isinstance(meta, KVBlendMetadata) or not meta.saves:
-            return
-        try:  # best effort: a failed save is logged, never a crash of the engine
-            if layer_name not in self._layouts:
-                self._layouts[layer_name] = probe_block_layout(self._layers[layer_name], kv_layer, self._block_size)
-            k_off, v_off = self._layouts[layer_name]
-            for spec in meta.saves:
-                k = gather_tokens(kv_layer, k_off, spec.block_ids, spec.num_tokens)
-                v = gather_tokens(kv_layer, v_off, spec.block_ids, spec.num_tokens)
-                self._saving.setdefault(spec.key, {})[layer_index(layer_name)] = (k.cpu(), v.cpu())
-        except Exception as exc:
-            log.warning("cannot read layer %s back from vLLM's cache (%s): prompt KV not saved", layer_name, exc)
+        pass  # nothing is saved from vLLM's cache: chunks are encoded by kvblend (precompute, missed chunks)
 
     def wait_for_save(self):
         for load in self._active:
             if load.pending:  # the layer hooks never ran for these layers: do not trust the cache
                 log.error("blend %s: layers %s were not loaded; vLLM recomputes", load.spec.key, sorted(load.pending))
                 self._fail(load.spec)
-        keys = {load.spec.key for load in self._active if load.spec.plan is None}
-        self._active = []  # drops the readers: no map of a released file is read again
-        for key in keys:  # once per key: requests forked from one (n > 1) share their hand-off
-            self._handoff.release(key)
-        meta = self._get_connector_metadata()
-        for spec in meta.saves if isinstance(meta, KVBlendMetadata) else []:
-            layers = self._saving.pop(spec.key, {})
-            if len(layers) != len(self._kv_layers):
-                log.warning("prompt KV of request %s incomplete (%d layers): not saved", spec.req_id, len(layers))
-                continue
-            keys, values = zip(*(layers[i] for i in sorted(layers)))
-            try:
-                self._save_dir.save(spec.key, HandoffHeader(spec.num_tokens, spec.digest), keys, values)
-            except OSError as exc:
-                log.warning("prompt KV of request %s not saved: %s", spec.req_id, exc)
+        self._active = []  # the step's fused KV is written: drop it
 
     def build_connector_worker_meta(self) -> BlendReports | None:
         reports, self._step_reports = self._step_reports, {}

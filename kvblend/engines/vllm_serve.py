@@ -7,15 +7,16 @@ vLLM's server runs unchanged, started with kvblend's KV connector and this ASGI 
     {"model": "...", "messages": [{"role": "user", "content": "question?"}],
      "kvblend": {"chunks": ["doc one", "doc two"], "recompute_ratio": 0.15}}
 
-(with the openai client: `extra_body={"kvblend": {...}}`) is blended here, on the transformers
-model in this process, and rewritten into the prompt's token ids plus `kv_transfer_params` that
-name the hand-off (with `in_worker`: that carry the blend's plan, which vLLM's worker blends on its
-own weights with the server's store); vLLM then serves it like any request (streaming, sampling, errors). Every
-other request passes through untouched. The question is the prompt (completions) or the single
-user message (chat). Chunks missing from the store are recomputed in the blend and, with
-`precompute_misses`, encoded into the store after the response for next time, in the background
-and behind later requests (kvblend.engines.serve_misses); a response's timing headers include
-any wait for the model.
+(with the openai client: `extra_body={"kvblend": {...}}`) is planned here (tokenized, chunks
+looked up) and rewritten into the prompt's token ids plus `kv_transfer_params` that carry the
+blend's plan, which vLLM's worker blends on its own weights with the server's store; vLLM then
+serves it like any request (streaming, sampling, errors), and a non-streamed response's
+`kv_transfer_params.kvblend_blend` holds the blend's counts. Every other request passes through
+untouched. The question is the prompt (completions) or the single user message (chat). Chunks
+missing from the store are recomputed in the blend and, with `precompute_misses`, encoded into the
+store after the response for next time, in the background and behind later requests
+(kvblend.engines.serve_misses: only then does this process load the transformers weights); a
+response's timing headers include any wait for the model.
 """
 from __future__ import annotations
 
@@ -30,11 +31,10 @@ from typing import Any
 from kvblend.config import BlendConfig, KVBlendConfig
 from kvblend.engines.vllm import Prepared, prepare
 from kvblend.engines.serve_misses import BlendLock, MissEncoder
-from kvblend.engines.vllm_handoff import HandoffDir, blend_salt
 from kvblend.results import PREFILL_METHODS
 
 log = logging.getLogger(__name__)
-SETTINGS_ENV = "KVBLEND_SERVE_CONFIG"  # JSON: {"kvblend": KVBlendConfig fields, "handoff_dir": ..., "precompute_misses": bool, "in_worker": bool}
+SETTINGS_ENV = "KVBLEND_SERVE_CONFIG"  # JSON: {"kvblend": KVBlendConfig fields, "precompute_misses": bool}
 MIDDLEWARE = "kvblend.engines.vllm_serve.KVBlendMiddleware"
 PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -107,14 +107,13 @@ async def _send_error(send, status: int, message: str) -> None:
 
 
 def _stats_headers(p: Prepared, queued_misses: int) -> list[tuple[bytes, bytes]]:
-    """x-kvblend-* headers: the blend's counts, its time from the request's arrival (prepare, wait
-    included), the wait for the model, and the missed chunks still queued for background encoding."""
+    """x-kvblend-* headers: the plan's counts (the worker's own come in the response body), its time
+    from the request's arrival (wait included), the wait for the model, and the missed chunks still
+    queued for background encoding."""
     s = p.stats
-    values = {"blended": str(p.blend_key is not None).lower(), "chunk-hits": s.chunk_hits, "chunk-misses": s.chunk_misses,
-              "tokens-recomputed": s.tokens_recomputed, "prepare-seconds": f"{s.stages_s['prepare']:.4f}",
-              "wait-seconds": f"{s.stages_s.get('wait', 0.0):.4f}", "queued-misses": queued_misses}
-    if p.plan is not None:  # blended in vLLM's worker: what it recomputed is not known here
-        del values["tokens-recomputed"]
+    values = {"blended": str(p.plan is not None).lower(), "chunk-hits": s.chunk_hits, "chunk-misses": s.chunk_misses,
+              "prepare-seconds": f"{s.stages_s['prepare']:.4f}", "wait-seconds": f"{s.stages_s.get('wait', 0.0):.4f}",
+              "queued-misses": queued_misses}
     return [(f"x-kvblend-{k}".encode(), str(v).encode()) for k, v in values.items()]
 
 
@@ -126,12 +125,10 @@ class KVBlendMiddleware:
 
         self.app = app
         settings = json.loads(os.environ[SETTINGS_ENV])
-        self.in_worker = bool(settings.get("in_worker", False))
-        # in_worker: this process only tokenizes and plans; the weights load only to encode a missed chunk
-        self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]), lazy_weights=self.in_worker)
-        self.handoff = HandoffDir(settings["handoff_dir"])
+        # this process only tokenizes and plans; the weights load only to encode a missed chunk
+        self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]), lazy_weights=True)
         self.precompute_misses = bool(settings.get("precompute_misses", True))
-        self._lock = BlendLock()  # one blend at a time (the model and executor are shared), requests first
+        self._lock = BlendLock()  # planning and background encoding share the tokenizer: one at a time, requests first
         self._misses = MissEncoder(self.kb, self._lock) if self.precompute_misses else None
 
     async def __call__(self, scope, receive, send):
@@ -168,8 +165,6 @@ class KVBlendMiddleware:
             await self.app(scope, _receive_body(new_raw, receive), send_with_stats)
         finally:
             self._lock.leave()
-            if prepared.handoff_key:
-                self.handoff.remove(prepared.handoff_key)
             if self._misses is not None and prepared.stats.chunk_misses:
                 self._misses.submit(chunks)  # encoded in the background, behind later requests
 
@@ -199,13 +194,13 @@ class KVBlendMiddleware:
         with self._lock.held(urgent=True):
             waited = time.perf_counter() - arrived
             try:
-                prepared = prepare(self.kb, self.handoff, chunks, question, method, config, max_model_len, self.in_worker)
+                prepared = prepare(self.kb, chunks, question, method, config, max_model_len)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from exc
         prepared.stats.stages_s.update(wait=waited, prepare=time.perf_counter() - arrived)
         params = dict(body.get("kv_transfer_params") or {}) | (prepared.transfer_params() or {})
-        if prepared.blend_key:
-            body["cache_salt"] = blend_salt(prepared.blend_key)  # blended blocks stay out of exact requests' prefix cache
+        if salt := prepared.salt():
+            body["cache_salt"] = salt  # blended blocks stay out of exact requests' prefix cache
         if chat:
             params["prompt_token_ids"] = prepared.ids  # vLLM takes these instead of templating the messages
         else:

@@ -38,7 +38,7 @@ def test_redis_down_at_the_workers_lookup_is_a_miss_and_the_engine_keeps_serving
     kb = KVBlend(config=KVBlendConfig(model=str(folder), store=store))
     kb.precompute(SEEN + UNSEEN)
     try:
-        with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, in_worker=True, enforce_eager=True) as engine:
+        with VLLMEngine(kb, kv_cache_bytes=64 << 20, max_model_len=1024, enforce_eager=True) as engine:
             vllm = kb.with_engine(engine)
             up = vllm.generate(SEEN, QUESTION, max_new_tokens=TOKENS, config=BLEND)
             assert up.stats.chunk_hits == 2 and up.stats.tokens_cached > 0  # the worker's own report
@@ -77,7 +77,7 @@ def test_a_preempted_blended_request_is_blended_again_when_it_resumes(tmp_path):
     m = kb.adapter
     block = 128  # vLLM's CPU block size
     per_block = block * m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4
-    with VLLMEngine(kb, kv_cache_bytes=5 * per_block, max_model_len=4 * block, in_worker=True, enforce_eager=True,
+    with VLLMEngine(kb, kv_cache_bytes=5 * per_block, max_model_len=4 * block, enforce_eager=True,
                     block_size=block, disable_log_stats=False) as engine:
         blocks = engine.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
         assert blocks == 5  # one of them vLLM's null block: room for four
