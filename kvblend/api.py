@@ -34,7 +34,7 @@ class KVBlend:
 
     engine="vllm" serves with vLLM instead of transformers: vLLM blends inside its worker on its own
     weights, with a store the worker opens too (a memory-only store gets a temporary disk tier,
-    removed at close): docs/vllm.md.
+    removed at close; this process keeps no memory tier): docs/vllm.md.
     Whatever the engine, `KVBlend` plans, prefills and builds the results; the engine turns
     requests into tokens (kvblend.engines.base). The transformers weights load when first needed:
     at once, unless `lazy_weights` or engine="vllm" (whose blends run on vLLM's weights, so this
@@ -73,11 +73,17 @@ class KVBlend:
         self.stop_ids = stop_token_ids(self.config.model, self.tokenizer)
         self._owns_store = store is None or isinstance(store, str)
         self._scratch = None
-        if engine == "vllm" and self._owns_store and not (self.config.store.disk_dir or self.config.store.remote_url):
-            # vLLM's worker opens the store itself: memory only would leave it another, empty one
-            self._scratch = tempfile.TemporaryDirectory(prefix="kvblend-store-")
-            self.config.store = self.config.store.model_copy(update={"disk_dir": self._scratch.name})
-        self.store: KVStore = open_store(self.config.store) if self._owns_store else store
+        opened = self.config.store
+        if engine == "vllm" and self._owns_store:
+            from kvblend.engines.vllm import planner_store
+
+            if not (opened.disk_dir or opened.remote_url):
+                # vLLM's worker opens the store itself: memory only would leave it another, empty one. A
+                # temporary folder stands in, as large as the memory tier and in its codec (raw: exact).
+                self._scratch = tempfile.TemporaryDirectory(prefix="kvblend-store-")
+                self.config.store = opened.model_copy(update={"disk_dir": self._scratch.name, "disk_bytes": opened.cpu_bytes})
+            opened = planner_store(self.config.store)  # the worker keeps the memory tiers; this process plans
+        self.store: KVStore = open_store(opened) if self._owns_store else store
         self.context_ids = resolve_chunk_context(self.config.blend.chunk_context, self.builder, self.config.blend.primer)
         if not (lazy_weights or engine == "vllm"):
             self.adapter  # loads the weights now
@@ -85,7 +91,11 @@ class KVBlend:
         if engine != "hf":
             from kvblend.engines.vllm import VLLMEngine
 
-            self.engine = VLLMEngine(self)
+            try:
+                self.engine = VLLMEngine(self)
+            except BaseException:
+                self.close()  # the store, and its temporary folder
+                raise
 
     # -- the weights, loaded on first use (at once unless lazy_weights or engine="vllm") ------------------
     @cached_property
@@ -133,6 +143,7 @@ class KVBlend:
                 finish()
             if self._owns_store and self._scratch is not None:
                 self._scratch.cleanup()
+                self._scratch = None
 
     def __enter__(self) -> "KVBlend":
         return self
@@ -249,6 +260,6 @@ class KVBlend:
     def generate(self, chunks: list[str], question: str, max_new_tokens: int = 64, method: Method = "blend",
                  sampling: Sampling | None = None, config: BlendConfig | None = None,
                  on_text: Callable[[str], None] | None = None, keep_prefill: bool = False) -> GenerateResult:
-        """Answer `question` over `chunks` (in the given order); the first token comes from the blend."""
+        """Answer `question` over `chunks` (in the given order)."""
         each = (lambda _, text: on_text(text)) if on_text else None
         return self.generate_many([(chunks, question)], max_new_tokens, method, sampling, config, each, keep_prefill)[0]

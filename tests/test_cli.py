@@ -186,7 +186,11 @@ def test_eval_frontier_sweeps_ratios_and_plots(tiny_models, tmp_path):
     assert res.exit_code == 2 and "exceeds the model's context" in unwrapped(res.output)  # a clear error, no traceback
 
 
-def test_serve_refuses_bad_settings_before_vllm_starts(tiny_models):
-    res = runner.invoke(app, ["serve", "--model", str(tiny_models["llama"]), "--kv-cache-bytes", "lots"])
+@pytest.mark.parametrize(("args", "message"), [
+    (["--store", "kv", "--kv-cache-bytes", "lots"], "--kv-cache-bytes: 'lots' is not a size"),
+    ([], "kvblend serve needs --store"),
+])
+def test_serve_refuses_bad_settings_before_vllm_starts(tiny_models, args, message):
+    res = runner.invoke(app, ["serve", "--model", str(tiny_models["llama"]), *args])
     assert res.exit_code == 2
-    assert "--kv-cache-bytes: 'lots' is not a size" in unwrapped(res.output)
+    assert message in unwrapped(res.output)

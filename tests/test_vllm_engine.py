@@ -4,6 +4,7 @@ and gives the transformers engine's tokens; failures, batches and prefix caching
 One `LLM` for the module, eager (no torch.compile at start-up). Skipped where vLLM is not installed.
 """
 import os
+import tempfile
 
 import pytest
 
@@ -143,6 +144,45 @@ def test_prompt_over_the_kv_cache_gets_vllms_error(engine):
         vllm(engine).generate(long_chunks, QUESTION, max_new_tokens=TOKENS)
 
 
+def test_a_request_blended_again_reports_only_its_last_blend():
+    """The scheduler side keeps a request's blend report until it finishes; a request preempted and
+    blended again whose second blend fails (vLLM recomputes it) reports no blend, not its first one."""
+    from types import SimpleNamespace
+
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvblend.engines.vllm import connector_config
+    from kvblend.engines.vllm_blend import REPORT_PARAM
+    from kvblend.engines.vllm_connector import BlendReports, KVBlendConnector, LoadSpec
+
+    config = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+                             kv_transfer_config=KVTransferConfig(**connector_config(None)),
+                             cache_config=SimpleNamespace(block_size=16, enable_prefix_caching=False))
+    connector = KVBlendConnector(config, KVConnectorRole.SCHEDULER, None)
+    nothing_cached = SimpleNamespace(req_ids=[], new_block_ids=[])
+
+    def step(new=(), resumed=(), reports=None):
+        """One scheduler step: loads handed out for `new` and `resumed` requests, then the worker's output."""
+        out = SimpleNamespace(
+            scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=([0, 1],)) for r in new],
+            scheduled_cached_reqs=SimpleNamespace(req_ids=list(resumed), new_block_ids=[([2, 3],)] * len(resumed))
+            if resumed else nothing_cached)
+        meta = connector.build_connector_meta(out)
+        connector.update_connector_output(SimpleNamespace(kv_connector_worker_meta=BlendReports(reports) if reports else None))
+        return [spec.req_id for spec in meta.loads]
+
+    first = {"tokens_recomputed": 5}
+    connector._loads["r"] = LoadSpec("r", "plan-id", 0, 20, {"id": "plan-id"})
+    assert step(new=["r"], reports={"r": first}) == ["r"]
+    connector._loads["r"] = LoadSpec("r", "plan-id", 0, 20, {"id": "plan-id"})  # preempted, its blocks allocated again
+    assert step(resumed=["r"]) == ["r"]  # blended again, and that blend failed: no report
+    assert connector.request_finished(SimpleNamespace(request_id="r"), [])[1] == {REPORT_PARAM: {}}
+    connector._loads["s"] = LoadSpec("s", "plan-2", 0, 20, {"id": "plan-2"})
+    step(new=["s"], reports={"s": first})
+    assert connector.request_finished(SimpleNamespace(request_id="s"), [])[1] == {REPORT_PARAM: first}
+
+
 def test_vllm_workers_run_on_tcmalloc(engine):
     """vLLM's CPU guide asks for tcmalloc in its workers; the engine preloads the system's copy."""
     import ctypes.util
@@ -197,12 +237,15 @@ def test_the_engine_needs_a_store_its_worker_can_open(tmp_path, monkeypatch):
     import kvblend.engines.vllm as vllm_engine
 
     model = str(make_tiny_model(tmp_path / "llama", "llama"))
-    with pytest.raises(ValueError, match="disk or remote tier"):
-        VLLMEngine(KVBlend(model=model, store=MemoryStore()))
+    with KVBlend(model=model, store=MemoryStore()) as kb, pytest.raises(ValueError, match="disk or remote tier"):
+        VLLMEngine(kb)
 
     class Recorder:  # stands in for the engine: no vLLM start
         def __init__(self, kb):
             self.store = kb.config.store
+
+        def warm(self, texts):
+            pass
 
         def close(self):
             pass
@@ -211,10 +254,21 @@ def test_the_engine_needs_a_store_its_worker_can_open(tmp_path, monkeypatch):
     kb = KVBlend(model=model, engine="vllm")
     folder = kb.engine.store.disk_dir
     assert folder and os.path.isdir(folder) and kb.config.store.disk_dir == folder and not kb.weights_loaded
+    assert kb.config.store.disk_bytes == kb.config.store.cpu_bytes > 0 and kb.config.store.codec == "raw"
+    kb.precompute(CHUNKS[:1])
+    kb.store.flush()
+    assert kb.store.contains(kb.key_for(kb.builder.encode(CHUNKS[0])))
+    assert kb.store.memory == [] and any(os.scandir(folder))  # this process keeps no memory tier: the chunk is on disk
     kb.close()
     assert not os.path.exists(folder)
-    kb = KVBlend(model=model)
-    assert kb.config.store.disk_dir is None  # the hf engine keeps a memory store
+    with KVBlend(model=model) as kb:
+        assert kb.config.store.disk_dir is None  # the hf engine keeps a memory store
+
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", lambda kb: 1 / 0)  # vLLM fails to start
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(ZeroDivisionError):
+        KVBlend(model=model, engine="vllm")
+    assert {n for n in set(os.listdir(tempfile.gettempdir())) - before if n.startswith("kvblend-store-")} == set()
 
 
 def test_vllm_cpu_workers_get_every_core_unless_the_user_chose(monkeypatch):

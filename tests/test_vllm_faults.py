@@ -95,3 +95,4 @@ def test_a_preempted_blended_request_is_blended_again_when_it_resumes(tmp_path):
         for (chunks, question), result in zip(requests, results):
             assert result.token_ids == kb.generate(chunks, question, max_new_tokens=TOKENS, config=BLEND).token_ids
     kb.close()
+

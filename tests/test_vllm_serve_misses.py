@@ -44,7 +44,7 @@ def test_encoding_misses_does_not_hold_up_the_next_request(real_server):
     assert big["chunk-misses"] == "120"
     latency, headers = ask(real_server, [CACHED])  # at once: the 120 chunks are being encoded now
     assert headers["chunk-hits"] == "1"
-    # Its blend finished while nearly all of the queue was still waiting: it went ahead of the background
+    # It was planned while nearly all of the queue was still waiting: it went ahead of the background
     # work instead of after it (before the fix it waited for all 120 encodings and this read 0).
     assert int(headers["queued-misses"]) >= 100, headers
     # Timing, loosely (2 shared cores also run vLLM's decode and the encoder's matmuls): a few quiet

@@ -12,11 +12,12 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", help="model alias (smollm2-135m) or local HF folder")]
-StoreOpt = Annotated[Optional[str], typer.Option("--store", help="KV store directory (default: in memory)")]
+StoreOpt = Annotated[Optional[str], typer.Option("--store", help=(
+    "KV store directory or redis:// URL (default: in memory; with --engine vllm, a temporary folder)"))]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
 EngineOpt = Annotated[str, typer.Option("--engine", help=(
-    r"decoding engine: hf (transformers) or vllm (blending in vLLM's worker on its weights; needs --store DIR; "
+    r"decoding engine: hf (transformers) or vllm (blending in vLLM's worker on its weights; "
     r"pip install 'kvblend\[vllm]')"))]  # \[: literal, not rich markup
 
 

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Annotated, Optional
 
 import typer
 
 from kvblend.cli import app
-from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, StoreOpt, ThreadsOpt, console, store_config
+from kvblend.cli.common import CodecOpt, DeviceOpt, DtypeOpt, ModelOpt, RatioOpt, ThreadsOpt, console, store_config
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve(
     ctx: typer.Context,
     model: ModelOpt = "smollm2-135m",
-    store: StoreOpt = None,
+    store: Annotated[Optional[str], typer.Option(help="KV store directory or redis:// URL (required: vLLM's worker reads it)")] = None,
     codec: CodecOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
@@ -31,8 +30,7 @@ def serve(
     """Serve /v1/completions and /v1/chat/completions; a body's `kvblend: {"chunks": [...]}` is blended.
 
     vLLM blends inside its worker on its own weights, with the chunks of --store (a folder or a
-    remote tier: the worker opens it; without one, a temporary folder that lives as long as the
-    server). Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
+    redis:// URL: the worker opens it). Options kvblend does not know are passed to vLLM's server (e.g. --api-key, --max-num-seqs).
     Needs vLLM: pip install 'kvblend\\[vllm]' on CPU (docs/vllm.md).
     """
     from kvblend.config import BlendConfig, KVBlendConfig, parse_bytes
@@ -48,14 +46,11 @@ def serve(
         cache_bytes = parse_bytes(kv_cache_bytes)
         if not isinstance(cache_bytes, int):
             raise ValueError(f"--kv-cache-bytes: {kv_cache_bytes!r} is not a size (e.g. 512MiB, 1GiB)")
+        if not (cfg.store.disk_dir or cfg.store.remote_url):
+            raise ValueError("kvblend serve needs --store (a folder or a redis:// URL): vLLM's worker reads the chunks from it")
     except (ValueError, FileNotFoundError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
-    scratch = None
-    if not (cfg.store.disk_dir or cfg.store.remote_url):  # vLLM's worker opens the store: it needs one it can see
-        scratch = tempfile.TemporaryDirectory(prefix="kvblend-store-")
-        cfg.store = cfg.store.model_copy(update={"disk_dir": scratch.name})
-        console.print(f"no --store: chunks are kept in {scratch.name} until the server stops")
     os.environ[SETTINGS_ENV] = json.dumps({"kvblend": cfg.model_dump(mode="json"), "precompute_misses": precompute_misses})
     vllm_args = [
         "--model", folder, "--dtype", dtype, "--host", host, "--port", str(port),
@@ -69,8 +64,4 @@ def serve(
         vllm_args += ["--served-model-name", model]
     if device == "cpu":
         tune_worker_environment(threads)  # for vLLM's engine processes (this one started without it)
-    try:
-        run_vllm_server(vllm_args + list(ctx.args))
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
+    run_vllm_server(vllm_args + list(ctx.args))

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from kvblend.engines.vllm import land_writes
+
 log = logging.getLogger(__name__)
 
 
@@ -124,6 +126,7 @@ class MissEncoder:
             try:
                 with self.lock.held(urgent=False):
                     self.kb.precompute([text])  # a chunk stored meanwhile is looked up, not encoded again
+                land_writes(self.kb.store)  # on disk (or in Redis) before a plan counts it: vLLM's worker reads it there
             except Exception:  # one bad chunk must not end the worker
                 log.exception("encoding a missed chunk failed")
             finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes.util
 import itertools
-import logging
 import os
 import sys
 import time
@@ -31,7 +30,6 @@ from kvblend.results import METHODS, RequestStats, TokenEvent
 if TYPE_CHECKING:
     from kvblend.api import KVBlend
 
-log = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 WORKER_BUSY_POLL_S = 1.0  # vLLM workers busy-poll this long after their last step (shm_broadcast.SpinCondition)
 
@@ -73,6 +71,19 @@ def connector_config(store: StoreConfig | None) -> dict[str, Any]:
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": extra,
     }
+
+
+def land_writes(store) -> None:
+    """Wait for the store's background writes: vLLM's worker (another process) reads them from disk or Redis."""
+    flush = getattr(store, "flush", None)  # a plain in-memory store has none
+    if flush is not None:
+        flush()
+
+
+def planner_store(store: StoreConfig) -> StoreConfig:
+    """The store as the process that plans opens it: the worker's tiers without the memory ones, so a
+    chunk counts as stored only where vLLM's worker (another process) can read it."""
+    return store.model_copy(update={"gpu_bytes": 0, "cpu_bytes": 0})
 
 
 def take_worker_report(stats: RequestStats, transfer_params: dict[str, Any] | None) -> None:
@@ -198,9 +209,7 @@ class VLLMEngine:
         the same documents would have left there. Requests that put the chunks in another order then
         hit only as far as their prefix matches.
         """
-        flush = getattr(self.kb.store, "flush", None)
-        if flush is not None:
-            flush()
+        land_writes(self.kb.store)
         if self._prefix_llm is not None:
             for _ in self.run([(list(texts), "")], 1, "prefix", Sampling(), None):
                 pass
@@ -233,6 +242,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         engine = self._llm_for(method).llm_engine
+        land_writes(self.kb.store)  # chunks stored in the background land where vLLM's worker reads them
         started = time.perf_counter()
         running: dict[str, tuple[int, Prepared]] = {}
         unfinished: set[str] = set()

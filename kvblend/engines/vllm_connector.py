@@ -166,6 +166,7 @@ class KVBlendConnector(KVConnectorBase_V1):
                 spec.block_ids = blocks  # a new or resumed request's full block list
                 meta.loads.append(spec)
                 self._blending.add(req_id)
+                self._reports.pop(req_id, None)  # blended again after a preemption: only the new blend counts
         return meta
 
     def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:

@@ -29,9 +29,10 @@ import time
 from typing import Any
 
 from kvblend.config import BlendConfig, KVBlendConfig
-from kvblend.engines.vllm import Prepared, prepare
+from kvblend.engines.vllm import Prepared, planner_store, prepare
 from kvblend.engines.serve_misses import BlendLock, MissEncoder
 from kvblend.results import PREFILL_METHODS
+from kvblend.store import open_store
 
 log = logging.getLogger(__name__)
 SETTINGS_ENV = "KVBLEND_SERVE_CONFIG"  # JSON: {"kvblend": KVBlendConfig fields, "precompute_misses": bool}
@@ -125,8 +126,10 @@ class KVBlendMiddleware:
 
         self.app = app
         settings = json.loads(os.environ[SETTINGS_ENV])
-        # this process only tokenizes and plans; the weights load only to encode a missed chunk
-        self.kb = KVBlend(config=KVBlendConfig.model_validate(settings["kvblend"]), lazy_weights=True)
+        config = KVBlendConfig.model_validate(settings["kvblend"])
+        # this process only tokenizes and plans (the weights load only to encode a missed chunk), over
+        # the store's disk and remote tiers: a chunk counts as stored where vLLM's worker can read it
+        self.kb = KVBlend(config=config, store=open_store(planner_store(config.store)), lazy_weights=True)
         self.precompute_misses = bool(settings.get("precompute_misses", True))
         self._lock = BlendLock()  # planning and background encoding share the tokenizer: one at a time, requests first
         self._misses = MissEncoder(self.kb, self._lock) if self.precompute_misses else None
