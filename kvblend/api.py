@@ -77,7 +77,7 @@ class KVBlend:
         if engine == "vllm" and self._owns_store:
             from kvblend.engines.vllm import planner_store
 
-            if not (opened.disk_dir or opened.remote_url):
+            if not opened.persistent:
                 # vLLM's worker opens the store itself: memory only would leave it another, empty one. A
                 # temporary folder stands in, as large as the memory tier and in its codec (raw: exact).
                 self._scratch = tempfile.TemporaryDirectory(prefix="kvblend-store-")

@@ -144,9 +144,15 @@ class StoreConfig(BaseModel):
         env = {name: os.environ[f"KVBLEND_{name.upper()}"] for name in cls.model_fields if f"KVBLEND_{name.upper()}" in os.environ}
         return {**env, **data}
 
+    @property
+    def persistent(self) -> bool:
+        """It has a disk or remote tier: one that outlives this process and that other processes
+        (vLLM's worker, Ray tasks) can open."""
+        return bool(self.disk_dir or self.remote_url)
+
     @model_validator(mode="after")
     def _persistent_codec(self) -> "StoreConfig":
-        if "codec" not in self.model_fields_set and (self.disk_dir or self.remote_url):
+        if "codec" not in self.model_fields_set and self.persistent:
             self.codec = PERSISTENT_CODEC
         return self
 

@@ -123,7 +123,7 @@ def precompute(
     except (ValueError, OSError) as exc:
         raise _fail(exc)
     try:
-        folder = CorpusFolder.for_store(store, corpus) if (spec.disk_dir or spec.remote_url) else None
+        folder = CorpusFolder.for_store(store, corpus) if spec.persistent else None
     except CorpusError as exc:
         if not dry_run:
             raise _fail(exc)
@@ -139,7 +139,7 @@ def precompute(
 
         print_estimate(config, planned, spec.codec, model, device, dtype, threads, workers if ray else 1, encoding)
         return
-    if not (spec.disk_dir or spec.remote_url):
+    if not spec.persistent:
         raise _fail(f"store {store!r} has no disk or remote tier: the chunks would be gone when this command ends")
     try:
         lock = folder.lock()

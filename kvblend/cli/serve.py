@@ -46,7 +46,7 @@ def serve(
         cache_bytes = parse_bytes(kv_cache_bytes)
         if not isinstance(cache_bytes, int):
             raise ValueError(f"--kv-cache-bytes: {kv_cache_bytes!r} is not a size (e.g. 512MiB, 1GiB)")
-        if not (cfg.store.disk_dir or cfg.store.remote_url):
+        if not cfg.store.persistent:
             raise ValueError("kvblend serve needs --store (a folder or a redis:// URL): vLLM's worker reads the chunks from it")
     except (ValueError, FileNotFoundError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -1,11 +1,12 @@
 """`kvblend serve`'s background work, kept behind the requests it serves.
 
-Requests' planning and background encoding share the tokenizer and the model, so one lock guards them. `BlendLock` gives requests
-priority: background work takes the lock only while no request is waiting for it, and a request
-waits at most for the background step in progress. While requests are in flight (arrived, not yet
-answered: vLLM decodes them on the same cores), background steps are also deferred, by up to
-`defer_s` each, so they slow answers down as little as they can without starving. `MissEncoder` encodes the chunks requests missed, one
-chunk per step on a thread of its own, from a bounded queue: when it is full, further misses are
+Requests' planning and background encoding share the tokenizer and the model, so one lock guards
+them. `BlendLock` gives requests priority: background work takes the lock only while no request is
+waiting for it, and a request waits at most for the background step in progress. While requests
+are in flight (arrived, not yet answered: vLLM decodes them on the same cores), background steps
+are also deferred, by up to `defer_s` each, so they slow answers down as little as they can
+without starving. `MissEncoder` encodes the chunks requests missed, one chunk per step on a thread
+of its own, from a bounded queue: when it is full, further misses are
 dropped (the next request that misses them queues them again), so a burst of new chunks can
 neither hold up later requests nor grow memory without bound.
 """

@@ -151,7 +151,7 @@ class VLLMEngine:
 
     def __init__(self, kb: "KVBlend", kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, max_model_len: int | None = None,
                  prefix_caching: bool = False, **llm_options: Any):
-        if not (kb.config.store.disk_dir or kb.config.store.remote_url):
+        if not kb.config.store.persistent:
             raise ValueError("the vllm engine blends in vLLM's worker, which opens the store from kb.config.store: it "
                              "needs a disk or remote tier (a store object handed to KVBlend, or one in memory, would "
                              "be invisible there)")

@@ -1,5 +1,5 @@
 """The blend plan: what the process that accepts a request sends to vLLM's worker, and what the
-worker does with it (docs/vllm.md, "How the vLLM engine blends").
+worker does with it (docs/vllm.md, "The connector").
 
 A plan travels in a request's `kv_transfer_params` under `PLAN`, as plain JSON data:
 
