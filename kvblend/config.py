@@ -24,28 +24,36 @@ class BlendConfig(BaseModel):
 
     `recompute_ratio` is the share of cached tokens recomputed after the last check layer, or
     "auto": the store's loading controller picks it per request so recompute hides loading.
-    `check_ratios` (one per check layer, non-increasing, ending at `recompute_ratio`) enables
-    gradual filtering. `selection` picks the ranking: CacheBlend's KV deviation, deviation
-    weighted by the attention the question pays each token (`"query"`), or random (an ablation).
+    `selection` picks the ranking: by default (`"lookahead"`, as ProphetKV) the attention the
+    question pays each cached token over every layer, in a pass of the fresh tokens over the reused
+    KV before the blend; with `deviation="none"` that attention alone ranks, so the choice is made
+    at layer 0 and no layer runs every token. CacheBlend's ranking is `selection="deviation"`,
+    `deviation="v"`, `check_layers=[1]`: how far each token's fresh V strays from its cached V at
+    the check layer. `"query"` weights that deviation by the question's attention at the check
+    layer; `"random"` is an ablation. `check_ratios` (one per check layer, non-increasing, ending
+    at `recompute_ratio`) enables gradual filtering. `cached_temperature` (APE) divides the
+    attention logits of the cached rows left as stored.
     `chunk_context` is what each chunk is encoded after (not stored): `"primed"` (default: the
     prompt's template head, a passage and the separator, so each chunk is encoded as if it followed
     another document, as all but the first retrieved chunk do), the model's BOS, `"head"` or nothing.
     `primer` is that passage: `kvblend precompute` picks the most typical passage of the corpus and
     records it beside the store, which every reader of the store then uses; unset, a neutral passage.
-    Why primed is the default: docs/benchmarks.md, Blend quality.
+    Why these defaults: docs/benchmarks.md, Blend quality per unit of speed.
     """
 
     model_config = {"extra": "forbid"}
 
-    recompute_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = 0.15
-    check_layers: list[int] = Field(default_factory=lambda: [1])
+    recompute_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = 0.08
+    check_layers: list[int] | None = Field(None, description="unset: [0] when deviation is 'none', else [1]")
     check_ratios: list[float] | None = None
-    deviation: Literal["v", "k", "kv"] = "v"
-    selection: Literal["deviation", "query", "random"] = "deviation"
-    query_weight: float = Field(1.0, ge=0.0, description="mix of the query-attention score, for selection='query'")
+    deviation: Literal["v", "k", "kv", "none"] | None = Field(None, description="unset: 'none' for lookahead, else 'v'")
+    selection: Literal["deviation", "query", "lookahead", "random"] = "lookahead"
+    query_weight: float = Field(1.0, ge=0.0, description="mix of the question-attention score, for selection='query' or 'lookahead'")
     sink_tokens: int = Field(0, ge=0, description="leading tokens of each cached chunk always recomputed")
     per_chunk_budget: bool = Field(False, description=(
         "each cached chunk recomputes its own share of its tokens, instead of the best share of all cached tokens"))
+    cached_temperature: float = Field(1.0, gt=0.0, description=(
+        "attention temperature of the cached rows a layer does not recompute (APE): their keys are divided by it"))
     chunk_context: Literal["bos", "head", "primed", "none"] | list[int] = "primed"
     primer: str | None = Field(None, min_length=1, description=(
         "the passage 'primed' chunks are encoded after; best one of the corpus's own (default: a neutral passage)"))
@@ -55,7 +63,9 @@ class BlendConfig(BaseModel):
 
     @field_validator("check_layers")
     @classmethod
-    def _sorted_unique(cls, v: list[int]) -> list[int]:
+    def _sorted_unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
         if any(layer < 0 for layer in v):
             raise ValueError(f"check_layers must be >= 0, got {v}")
         if sorted(set(v)) != v:
@@ -69,26 +79,48 @@ class BlendConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _ranking(self) -> "BlendConfig":
+        if self.deviation_kind == "none" and self.selection not in ("query", "lookahead"):
+            raise ValueError(f'deviation="none" ranks by the question\'s attention alone: it needs selection="query" '
+                             f'or "lookahead" (got {self.selection!r})')
+        return self
+
+    @property
+    def deviation_kind(self) -> str:
+        """`deviation`, or unset: none for the look-ahead (its attention ranks alone), else V."""
+        if self.deviation is not None:
+            return self.deviation
+        return "none" if self.selection == "lookahead" else "v"
+
+    @property
+    def layers(self) -> list[int]:
+        """`check_layers`, or unset: layer 0 when nothing deviates (no layer need run every token), else layer 1."""
+        if self.check_layers is not None:
+            return self.check_layers
+        return [0] if self.deviation_kind == "none" else [1]
+
+    @model_validator(mode="after")
     def _ratios(self) -> "BlendConfig":
         if self.recompute_ratio == "auto":
-            if self.check_ratios is not None or not self.check_layers:
+            if self.check_ratios is not None or not self.layers:
                 raise ValueError('recompute_ratio="auto" needs check layers and no check_ratios')
             return self
         if self.check_ratios is not None:
             r = self.check_ratios
-            if len(r) != len(self.check_layers):
-                raise ValueError(f"check_ratios {r} needs one ratio per check layer {self.check_layers}")
+            if len(r) != len(self.layers):
+                raise ValueError(f"check_ratios {r} needs one ratio per check layer {self.layers}")
             if any(b > a for a, b in zip(r, r[1:])) or any(not 0 <= x <= 1 for x in r):
                 raise ValueError(f"check_ratios must be in [0, 1] and non-increasing, got {r}")
             if abs(r[-1] - self.recompute_ratio) > 1e-12:
                 raise ValueError(f"the last check ratio {r[-1]} must equal recompute_ratio {self.recompute_ratio}")
-        if not self.check_layers and self.recompute_ratio not in (0.0, 1.0):
+        if not self.layers and self.recompute_ratio not in (0.0, 1.0):
             raise ValueError("a recompute_ratio strictly between 0 and 1 needs at least one check layer")
         return self
 
-    def ratios(self) -> list[float]:
-        """The ratio kept at each check layer."""
-        return list(self.check_ratios) if self.check_ratios else [self.recompute_ratio] * len(self.check_layers)
+    def checks(self) -> dict[int, float]:
+        """Check layer → the ratio kept there."""
+        layers = self.layers
+        return dict(zip(layers, self.check_ratios or [self.recompute_ratio] * len(layers)))
 
 
 _SIZE = re.compile(r"^\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -133,7 +165,7 @@ class StoreConfig(BaseModel):
     codec: Literal["raw", "fp8", "int8", "int4"] = "raw"
     async_writes: bool = Field(True, description="write disk/remote tiers on a background thread")
     prefetch_layers: int = Field(2, ge=0, description="layers read ahead of the blend; 0: load on demand")
-    min_recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description='floor of recompute_ratio="auto"')
+    min_recompute_ratio: float = Field(0.08, ge=0.0, le=1.0, description='floor of recompute_ratio="auto" (the default ratio)')
     remote_retry_s: float = Field(2.0, gt=0, description="wait before retrying a remote tier that failed")
 
     @model_validator(mode="before")

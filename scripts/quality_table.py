@@ -3,7 +3,7 @@ and first-token agreement with 95% bootstrap intervals, kl_tf divided by a basel
 (paired per record, ratio of means, with its bootstrap interval) and the TTFT speed-up.
 
 A run given as `a.json,b.json` is the records of both (e.g. records 0-19 and 20-39, run apart);
-`--plot` draws the frontier of the last run, as `kvblend eval --frontier` does.
+`--plot` draws every run's methods on one frontier, as `kvblend eval --frontier` draws one run's.
 
     python scripts/quality_table.py bos.json primed_0.json,primed_1.json --baseline bos.json:reuse --plot frontier.png
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from kvblend.config import BlendConfig
 from kvblend.eval.frontier import plot_frontier
-from kvblend.eval.methods import parse_methods
+from kvblend.eval.methods import parse_methods, split_top_level
 from kvblend.eval.metrics import bootstrap_interval
 from kvblend.eval.runner import EvalReport, MethodRow
 
@@ -44,7 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="kvblend eval --json files over the same records (a,b: one run in parts)")
     parser.add_argument("--baseline", required=True, help="RUN:METHOD whose kl_tf the ratio column divides by")
-    parser.add_argument("--plot", type=Path, help="draw the last run's frontier here")
+    parser.add_argument("--plot", type=Path, help="draw every run's methods on one frontier here")
+    parser.add_argument("--plot-methods", help="comma list: draw only these methods (default: all)")
     args = parser.parse_args()
     runs = {spec: load_run(spec) for spec in args.runs}
     base_run, _, base_method = args.baseline.rpartition(":")
@@ -69,11 +71,31 @@ def main() -> None:
             print(f"| {context} | `{name}` | {sum(kl) / len(kl):.4f} [{lo:.4f}, {hi:.4f}] | {ratio:.2f} [{rlo:.2f}, {rhi:.2f}] "
                   f"| {sum(agree) / len(agree):.2f} [{alo:.2f}, {ahi:.2f}] | {speed_text} |")
     if args.plot:
-        config, report = list(runs.values())[-1]
-        specs = parse_methods(",".join(report.methods), BlendConfig())
-        records = len(report.methods["full"])
-        plot_frontier(report.summary(), specs, args.plot, f"{config['dataset']}: {records} records, {config['kvblend']['model']}")
+        plot_runs(list(runs.values()), args.plot, set(split_top_level(args.plot_methods)) if args.plot_methods else None)
 
+
+def plot_runs(runs: list[tuple[dict, EvalReport]], path: Path, only: set[str] | None = None) -> None:
+    """One frontier of every run's methods, or of those in `only` (each speed-up from its own run):
+    a name two runs share is kept once, from the first run, unless their chunk contexts differ (then
+    suffixed with it)."""
+    summary, specs, contexts = {}, [], {}
+    for config, report in runs:
+        context = config["kvblend"]["blend"]["chunk_context"]
+        rows = report.summary()
+        for spec in parse_methods(",".join(report.methods), BlendConfig.model_validate(config["kvblend"]["blend"])):
+            name = spec.name
+            if only is not None and name not in only:
+                continue
+            if name in contexts and contexts[name] != context:
+                name = f"{name} ({context})"
+            if name in summary:
+                continue
+            contexts.setdefault(spec.name, context)
+            summary[name] = rows[spec.name]
+            specs.append(replace(spec, name=name))
+    config, report = runs[0]
+    records = len(report.methods["full"])
+    plot_frontier(summary, specs, path, f"{config['dataset']}: {records} records, {config['kvblend']['model']}")
 
 if __name__ == "__main__":
     main()

@@ -48,7 +48,7 @@ def main() -> None:
         kb.prefill(record.chunks, record.question, "blend")  # warm-up
         s = kb.prefill(record.chunks, record.question, "blend", profile=True).stats
         m = kb.adapter
-        checks = kb.config.blend.check_layers
+        checks = kb.config.blend.layers
         n = s.tokens_total
         after = n - s.tokens_cached + s.tokens_recomputed  # fresh tokens plus the recomputed cached ones
         layers_all = checks[-1] + 1 if checks else 0  # layers that run every token

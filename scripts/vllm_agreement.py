@@ -2,7 +2,7 @@
 
 On CacheBlend examples 1-3 and the first five MuSiQue dev records (top-6 passages), fp32, the
 default model, 16 greedy tokens per request:
-  blend r=0.15  vLLM (blend in its worker)  == transformers engine (blend in this process)
+  blend (CacheBlend's ranking, r=0.15)  vLLM (blend in its worker)  == transformers engine (blend in this process)
   full          vLLM's prefill              == transformers' full prefill
   blend r=1     vLLM (blend in its worker)  == vLLM's own full prefill (invariant 1)
 Prints one row per record and exits 1 if any pair differs.
@@ -29,7 +29,7 @@ def main() -> int:
     args = parser.parse_args()
     records = [("cacheblend-" + str(i), r) for i in (1, 2, 3) for r in load_dataset(f"cacheblend-{i}")]
     records += [(f"musique-{i}", r) for i, r in enumerate(load_dataset("musique-dev", top_k=6, limit=args.musique))]
-    blend, exact = BlendConfig(recompute_ratio=0.15), BlendConfig(recompute_ratio=1.0)
+    blend, exact = BlendConfig(selection="deviation", recompute_ratio=0.15), BlendConfig(recompute_ratio=1.0)
     with tempfile.TemporaryDirectory() as folder:
         store = StoreConfig(disk_dir=folder, cpu_bytes=0, codec="raw", async_writes=False)
         kb = KVBlend(config=KVBlendConfig(store=store))

@@ -79,13 +79,9 @@ class Planted:
             (keys if which == "k" else values)[layer][:, rows] += size
 
     def selected(self, **config) -> set[int]:
-        from kvblend.blend.executor import CachedSpan
-        from kvblend.store import ChunkKV
-
-        spans = [CachedSpan(start, ChunkKV(kv.key, kv.fingerprint, k, v))
-                 for (start, kv), k, v in zip(self.chunks, self.keys, self.values)]
-        out = self.kb.executor.run(torch.tensor(self.prompt.ids), spans, question_start=self.prompt.starts()[-1],
-                                   config=BlendConfig(**config))
+        """The cached positions recomputed; CacheBlend's deviation ranking unless `config` says otherwise."""
+        out = self.kb.executor.run(torch.tensor(self.prompt.ids), _spans(self), question_start=self.prompt.starts()[-1],
+                                   config=BlendConfig(**{"selection": "deviation", **config}))
         return set(out.selected.tolist())
 
 
@@ -151,6 +147,87 @@ def test_query_selection_prefers_the_tokens_the_question_attends(kb):
     assert t.selected(recompute_ratio=0.05) != most
 
 
+def _spans(t: Planted):
+    from kvblend.blend.executor import CachedSpan
+    from kvblend.store import ChunkKV
+
+    return [CachedSpan(start, ChunkKV(kv.key, kv.fingerprint, k, v)) for (start, kv), k, v in zip(t.chunks, t.keys, t.values)]
+
+
+def test_look_ahead_is_the_question_attention_over_reused_kv(kb):
+    """The look-ahead's score of each position is the attention the question's tokens pay it,
+    summed over layers, when they run over the reused KV: checked against transformers' own
+    attention weights for the question run on reuse's cache."""
+    from kvblend.blend.executor import REUSE
+    from kvblend.engines.hf import to_dynamic_cache
+
+    t = Planted(kb)
+    ids, qs = torch.tensor(t.prompt.ids), t.prompt.starts()[-1]
+    reuse = kb.executor.run(ids, _spans(t), question_start=qs, config=REUSE)
+    state = kb.executor._start(ids, _spans(t), qs, BlendConfig(), profile=False)
+    cache = to_dynamic_cache(kb.model.config, [k[:, :qs] for k in reuse.keys], [v[:, :qs] for v in reuse.values])
+    kb.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = kb.model(input_ids=ids[None, qs:], past_key_values=cache, position_ids=torch.arange(qs, ids.numel())[None],
+                           output_attentions=True)
+    finally:
+        kb.model.set_attn_implementation("sdpa")
+    expected = sum(a[0].mean(dim=(0, 1)) for a in out.attentions)
+    torch.testing.assert_close(state.question_mass, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_look_ahead_alone_recomputes_what_the_question_reads_most(kb):
+    """The default ranking: the b cached tokens with the most look-ahead attention, chosen at
+    layer 0, whatever the deviation planted elsewhere."""
+    t = Planted(kb)
+    b = t.budget(0.05)
+    t.plant(1, "v", set(t.cached[1::7][:b]))
+    ids, qs = torch.tensor(t.prompt.ids), t.prompt.starts()[-1]
+    mass = kb.executor._start(ids, _spans(t), qs, BlendConfig(), profile=False).question_mass
+    most = set(sorted(t.cached, key=lambda p: float(mass[p]))[-b:])
+    assert BlendConfig().layers == [0] and BlendConfig().deviation_kind == "none"
+    assert t.selected(recompute_ratio=0.05, selection="lookahead") == most
+    assert t.selected(recompute_ratio=0.05) != most
+
+
+def test_look_ahead_weighs_the_deviation_by_what_the_question_reads(kb):
+    """Equal deviation planted on 2b cached tokens: weighted by the look-ahead, the blend keeps the
+    b of them the question attends most; plain deviation cannot tell them apart, and with no
+    weight the look-ahead changes nothing."""
+    t = Planted(kb)
+    b = t.budget(0.05)
+    planted = t.cached[1::7][: 2 * b]
+    t.plant(1, "v", set(planted))
+    ids, qs = torch.tensor(t.prompt.ids), t.prompt.starts()[-1]
+    mass = kb.executor._start(ids, _spans(t), qs, BlendConfig(), profile=False).question_mass
+    most = set(sorted(planted, key=lambda p: float(mass[p]))[-b:])
+    weighted = dict(recompute_ratio=0.05, selection="lookahead", deviation="v")
+    assert t.selected(**weighted, query_weight=1.0) == most
+    plain = t.selected(recompute_ratio=0.05)
+    assert plain != most
+    assert t.selected(**weighted, query_weight=0.0) == plain
+
+
+def test_cached_temperature_divides_the_reused_keys_only(kb):
+    """Rows read from the store have their keys divided by the temperature; recomputing every
+    token (r = 1) still reproduces full prefill."""
+    from kvblend.blend.executor import REUSE
+
+    t = Planted(kb)
+    ids, qs = torch.tensor(t.prompt.ids), t.prompt.starts()[-1]
+    plain = kb.executor.run(ids, _spans(t), question_start=qs, config=REUSE)
+    warm = kb.executor.run(ids, _spans(t), question_start=qs,
+                           config=BlendConfig(recompute_ratio=0.0, check_layers=[], cached_temperature=2.0))
+    cached = torch.tensor(t.cached)
+    for a, b in zip(plain.keys, warm.keys):
+        torch.testing.assert_close(b[:, cached], a[:, cached] / 2.0)
+    assert not torch.allclose(plain.logits, warm.logits, atol=1e-3)
+    exact = kb.executor.run(ids, _spans(t), question_start=qs, config=BlendConfig(recompute_ratio=1.0, cached_temperature=2.0))
+    full = kb.prefill(CHUNKS, QUESTION, "full")
+    torch.testing.assert_close(exact.logits, full.logits, atol=1e-4, rtol=0)
+
+
 def test_gradual_filtering_only_narrows_the_earlier_choice(kb):
     """Layer 1 keeps the planted A (r = 0.1); layer 2 keeps B within A (r = 0.05), never C, which
     deviates more at layer 2 but was dropped at layer 1."""
@@ -192,6 +269,10 @@ def test_config_validation():
 
     with pytest.raises(ValueError, match="chunk encoding is set once per run"):
         parse_methods("full,blend[chunk_context=head]", BlendConfig())
+    with pytest.raises(ValueError, match='deviation="none" ranks by the question'):
+        BlendConfig(selection="deviation", deviation="none")
+    cacheblend = parse_methods("full,blend[selection=deviation]", BlendConfig())[1].config  # unset fields follow the selection
+    assert (cacheblend.deviation_kind, cacheblend.layers, cacheblend.checks()) == ("v", [1], {1: 0.08})
 
 
 def test_bad_input_is_a_clear_error(kb):

@@ -31,7 +31,7 @@ def test_token_agreement_is_positionwise():
 
 
 def test_method_specs_put_full_first_and_parse_overrides():
-    specs = parse_methods("blend[check_layers=[1,2],check_ratios=[0.3,0.15]],reuse", BlendConfig())
+    specs = parse_methods("blend[check_layers=[1,2],check_ratios=[0.3,0.15]],reuse", BlendConfig(recompute_ratio=0.15))
     assert [s.method for s in specs] == ["full", "blend", "reuse"]
     assert specs[1].config.check_layers == [1, 2] and specs[1].config.check_ratios == [0.3, 0.15]
     with pytest.raises(ValueError, match="key=value"):
@@ -137,3 +137,14 @@ def test_load_percentiles_interpolate_between_ranks():
     assert percentile(xs, 0.5) == 2.5 and percentile(xs, 0.0) == 1.0 and percentile(xs, 1.0) == 4.0
     assert abs(percentile(xs, 0.99) - 3.97) < 1e-9
     assert percentile([7.0], 0.99) == 7.0 and math.isnan(percentile([], 0.5))
+
+
+def test_frontier_labels_a_ratio_sweep_per_ranking():
+    """A blend overriding only its ratio (and at most its ranking) is a point of a sweep; anything
+    else is a point of its own."""
+    from kvblend.eval.frontier import _label
+
+    specs = parse_methods("blend[recompute_ratio=0.1],blend[selection=deviation,recompute_ratio=0.15],"
+                          "blend[recompute_ratio=0.08,cached_temperature=1.1],blend", BlendConfig())
+    assert [_label(s) for s in specs[1:]] == ["r=0.1", "r=0.15", "blend[recompute_ratio=0.08,cached_temperature=1.1]", "blend"]
+    assert [s.config.selection for s in specs[1:3]] == ["lookahead", "deviation"]

@@ -206,9 +206,10 @@ def count_triton_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
 
 
 @pytest.mark.parametrize("blend", [
-    dict(),  # CacheBlend defaults: V deviation at layer 1, r = 0.15
-    dict(deviation="kv", selection="query", check_layers=[1, 2], check_ratios=[0.5, 0.15]),
-], ids=["defaults", "kv-query-gradual"])
+    dict(),  # defaults: the look-ahead's ranking at layer 0 (no deviation to measure)
+    dict(selection="deviation", recompute_ratio=0.15),  # CacheBlend: V deviation at layer 1
+    dict(deviation="kv", selection="query", check_layers=[1, 2], check_ratios=[0.5, 0.15], recompute_ratio=0.15),
+], ids=["defaults", "cacheblend", "kv-query-gradual"])
 def test_blend_executor_same_tokens_with_triton(tmp_path, monkeypatch, blend):
     """Same first-token logits (fp32, 1e-4) and greedy tokens from the tiny model's blend either way."""
     from tiny import make_tiny_model
@@ -229,7 +230,8 @@ def test_blend_executor_same_tokens_with_triton(tmp_path, monkeypatch, blend):
         runs[backend] = pre.logits, kb.generate(chunks, question, max_new_tokens=8).token_ids
         if backend == "torch":
             assert not calls
-    assert set(calls) == set(TRITON_ENTRY_POINTS.values())
+    deviates = BlendConfig(**blend).deviation_kind != "none"
+    assert set(calls) == {fn for fn in TRITON_ENTRY_POINTS.values() if deviates or fn != "kv_deviation_triton"}
     torch.testing.assert_close(runs["triton"][0], runs["torch"][0], atol=1e-4, rtol=1e-4)
     assert runs["triton"][1] == runs["torch"][1]
 

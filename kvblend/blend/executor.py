@@ -112,6 +112,7 @@ class BlendState:
     keys: list[torch.Tensor] = field(default_factory=list)  # per finished layer [KV, N, D]
     values: list[torch.Tensor] = field(default_factory=list)
     selected: torch.Tensor | None = None  # cached positions recomputed after the last check layer
+    question_mass: torch.Tensor | None = None  # [N] the look-ahead's attention from the question
 
     @property
     def n(self) -> int:
@@ -134,8 +135,8 @@ class BlendExecutor:
         self.config = self._checked(config or BlendConfig())
 
     def _checked(self, cfg: BlendConfig) -> BlendConfig:
-        if cfg.check_layers and cfg.check_layers[-1] >= self.m.num_layers:
-            raise ValueError(f"check layer {cfg.check_layers[-1]} is past the model's {self.m.num_layers} layers")
+        if cfg.layers and cfg.layers[-1] >= self.m.num_layers:
+            raise ValueError(f"check layer {cfg.layers[-1]} is past the model's {self.m.num_layers} layers")
         return cfg
 
     @torch.inference_mode()
@@ -171,7 +172,7 @@ class BlendExecutor:
             sink[sp.start : sp.start + min(cfg.sink_tokens, sp.kv.num_tokens)] = True
         cos, sin = m.rope_tables(n)
         s = BlendState(
-            ids=ids.to(m.device), spans=spans, cfg=cfg, checks=dict(zip(cfg.check_layers, cfg.ratios())),
+            ids=ids.to(m.device), spans=spans, cfg=cfg, checks=cfg.checks(),
             is_cached=is_cached.to(m.device), sink=sink.to(m.device), cos=cos, sin=sin, question_start=question_start,
             ranking=None if ranking is None else ranking.float().cpu(),
             watch=Stopwatch(profile, m.device), group=m.num_heads // m.num_kv_heads,
@@ -179,6 +180,11 @@ class BlendExecutor:
         )
         positions = torch.arange(n, device=m.device)
         reuse_only = not s.checks and cfg.recompute_ratio == 0.0
+        if cfg.selection == "lookahead" and s.checks and s.ranking is None:
+            if question_start is None:
+                raise ValueError('selection="lookahead" needs question_start (where the question begins)')
+            with s.watch("lookahead"):
+                s.question_mass = self._look_ahead(s)
         s.focus(positions[~s.is_cached] if reuse_only else positions)
         s.h = m.embed(s.ids)[s.active]
         return s
@@ -245,23 +251,49 @@ class BlendExecutor:
             with s.watch("load"):
                 ck, cv = sp.kv.layer(i)
                 ck = ck.to(keys.device, keys.dtype, non_blocking=True)
+                if s.cfg.cached_temperature != 1.0:
+                    ck = ck / s.cfg.cached_temperature
                 cv = cv.to(keys.device, keys.dtype, non_blocking=True)
             with s.watch("realign"):
                 rope_realign_span(ck, s.cos, s.sin, sp.start, out=keys, backend=s.cfg.backend)
                 values[:, sp.start : sp.end] = cv
         return keys, values
 
+    def _look_ahead(self, s: BlendState) -> torch.Tensor:
+        """[N] attention the question pays each position, summed over layers, in a pass of the fresh
+        tokens over the cached KV as stored (what reuse computes)."""
+        m, backend = self.m, s.cfg.backend
+        fresh = (~s.is_cached).nonzero().squeeze(1)
+        plan = plan_attention(fresh, s.n, s.group, s.cfg.attention_block, s.cos.dtype)
+        f_cos, f_sin = s.cos.index_select(0, fresh), s.sin.index_select(0, fresh)
+        asks = fresh >= s.question_start
+        h = m.embed(s.ids)[fresh]
+        mass = torch.zeros(s.n, device=m.device)
+        for i in range(m.num_layers):
+            q, k, v = m.qkv(i, h)
+            keys, values = self._fused_buffers(s, i, k)
+            rope_realign(k, s.cos, s.sin, fresh, out=keys, backend=backend)
+            scatter_rows(v, values, fresh, backend=backend)
+            q = rotate(q, f_cos, f_sin)
+            mass += query_attention(q[:, asks], keys, fresh[asks], m.scaling)
+            if i < m.num_layers - 1:
+                h = m.mlp(i, m.attn_out(i, h, selected_attention(q, keys, values, plan, m.scaling, backend=backend)))
+        return mass
+
     def _select(self, s: BlendState, ratio, q, k, v, keys, values) -> torch.Tensor:
         """Indices into `s.active` kept after this check layer: all fresh tokens + the best cached."""
         cfg, active, cos, sin = s.cfg, s.active, s.cos, s.sin
         cand = s.is_cached[active].nonzero().squeeze(1)  # indices into active
         pos = active[cand]
-        if cfg.deviation == "v":
+        deviation = cfg.deviation_kind
+        if deviation == "none":
+            dev = torch.ones(cand.numel(), device=cand.device)
+        elif deviation == "v":
             dev = kv_deviation(v[:, cand], values[:, pos], backend=cfg.backend)
         else:
             fresh_k = rotate(k[:, cand], cos.index_select(0, pos), sin.index_select(0, pos))
             dev = kv_deviation(fresh_k, keys[:, pos], backend=cfg.backend)
-            if cfg.deviation == "kv":
+            if deviation == "kv":
                 dv = kv_deviation(v[:, cand], values[:, pos], backend=cfg.backend)
                 dev = dev / dev.mean().clamp_min(1e-12) + dv / dv.mean().clamp_min(1e-12)
         attention = None
@@ -272,6 +304,8 @@ class BlendExecutor:
             fused_k = keys.clone()
             rope_realign(k, cos, sin, active, out=fused_k, backend=cfg.backend)
             attention = query_attention(q_rot, fused_k, q_pos, self.m.scaling)[pos]
+        elif s.question_mass is not None:
+            attention = s.question_mass[pos]
         if s.ranking is not None:
             scores = s.ranking[pos.cpu()]
         else:

@@ -31,6 +31,8 @@ def bench_ttft_command(
     context_tokens: Annotated[str, typer.Option(help="comma list of prompt sizes")] = "1024,2048,4096",
     chunk_tokens: Annotated[int, typer.Option(min=1)] = 512,
     ratios: Annotated[str, typer.Option(help="comma list of recompute ratios")] = "0.05,0.15,0.3",
+    selection: Annotated[Optional[str], typer.Option(help=(
+        "the blend's ranking: lookahead (default), deviation (CacheBlend's), query or random"))] = None,
     repeats: Annotated[int, typer.Option(min=1)] = 3,
     datasets: Annotated[Optional[Path], typer.Option(file_okay=False, help=(
         "folder with a musique_dev.json to cut contexts from (default: the MuSiQue records shipped with kvblend)"))] = None,
@@ -46,7 +48,7 @@ def bench_ttft_command(
         return
     from kvblend.eval.bench import bench_ttft, plot
 
-    with make_kvblend(model, None, device, dtype, threads=threads) as kb:
+    with make_kvblend(model, None, device, dtype, threads=threads, selection=selection) as kb:
         sizes, rs = _ints(context_tokens), _floats(ratios)
         with Progress(console=console) as progress:
             task = progress.add_task("bench", total=len(sizes) * (repeats + 1) * (2 + len(rs)))

@@ -21,9 +21,10 @@ EngineOpt = Annotated[str, typer.Option("--engine", help=(
     r"pip install 'kvblend\[vllm]')"))]  # \[: literal, not rich markup
 
 
-def recompute_ratio(value: str) -> float | str:
-    """--recompute-ratio: a share in [0, 1], or "auto" (chosen per request from tier bandwidth and prefill speed)."""
-    if value == "auto":
+def recompute_ratio(value: str | None) -> float | str | None:
+    """--recompute-ratio: a share in [0, 1], or "auto" (chosen per request from tier bandwidth and
+    prefill speed); unset, the blend config's default."""
+    if value is None or value == "auto":
         return value
     try:
         ratio = float(value)
@@ -34,8 +35,9 @@ def recompute_ratio(value: str) -> float | str:
     return ratio
 
 
-RatioOpt = Annotated[str, typer.Option("--recompute-ratio", "-r", callback=recompute_ratio, help=(
-    "share of cached tokens recomputed (0-1), or auto: from tier bandwidth and prefill speed, per request"))]
+RatioOpt = Annotated[Optional[str], typer.Option("--recompute-ratio", "-r", callback=recompute_ratio, help=(
+    "share of cached tokens recomputed (0-1), or auto: from tier bandwidth and prefill speed, per request "
+    "(default: the blend config's)"))]
 ChunkContextOpt = Annotated[Optional[str], typer.Option("--chunk-context", help=(
     "what each chunk is encoded after (not stored): primed (default: the template head, a passage of the "
     "corpus and the separator), bos, head (the prompt's template head) or none"))]
@@ -115,6 +117,7 @@ def make_kvblend(model: str, store: str | StoreConfig | None, device: str, dtype
 
     if engine not in ENGINES:
         raise typer.BadParameter(f"unknown engine {engine!r} (available: {', '.join(ENGINES)})", param_hint="--engine")
+    blend = {name: value for name, value in blend.items() if value is not None}  # unset options keep the defaults
     try:
         cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
                             blend=BlendConfig(**blend))

@@ -268,7 +268,7 @@ def ask(
     codec: CodecOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="chunks retrieved and blended")] = 6,
     method: Annotated[str, typer.Option(help="blend, full or reuse")] = "blend",
-    recompute_ratio: RatioOpt = "0.15",
+    recompute_ratio: RatioOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     precompute: Annotated[bool, typer.Option(help="encode retrieved chunks missing from the store first (not timed)")] = True,
     embedder: EmbedderOpt = None,

@@ -15,7 +15,7 @@ from kvblend.config import kvblend_home
 
 @app.command()
 def demo(
-    recompute_ratio: RatioOpt = "0.15",
+    recompute_ratio: RatioOpt = None,
     max_new_tokens: int = typer.Option(24, min=1),
     store: Optional[str] = typer.Option(None, help="store directory (default: $KVBLEND_HOME/stores/demo)"),
     codec: CodecOpt = None,

@@ -40,7 +40,7 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(min=1, help="first N records")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=1, help="keep each record's first K contexts, in order")] = None,
     shuffle_seed: Annotated[Optional[int], typer.Option(help="ask each record's chunks in a seeded shuffled order (precomputed in dataset order)")] = None,
-    recompute_ratio: RatioOpt = "0.15",
+    recompute_ratio: RatioOpt = None,
     chunk_context: ChunkContextOpt = None,
     primer_file: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help=(
         "text file: the passage (stripped) primed chunks are encoded after; implies --chunk-context primed"))] = None,
@@ -48,7 +48,7 @@ def eval_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results here")] = None,
     frontier: Annotated[bool, typer.Option("--frontier", help=(
         "sweep blend over --ratios beside full, reuse (and prefix on vllm), plus any --methods variants, and plot it"))] = False,
-    ratios: Annotated[str, typer.Option(help="recompute ratios the frontier sweeps")] = "0.05,0.1,0.15,0.2,0.3,0.5",
+    ratios: Annotated[str, typer.Option(help="recompute ratios the frontier sweeps")] = "0.05,0.08,0.1,0.15,0.2,0.3,0.5",
     plot: Annotated[Path, typer.Option(help="where --frontier writes its PNG")] = Path("frontier.png"),
     model: ModelOpt = "smollm2-135m",
     store: StoreOpt = None,

@@ -18,7 +18,7 @@ def generate(
     chunks_file: Annotated[Path, typer.Option("--chunks-file", exists=True, dir_okay=False, help="JSON: a list of chunk texts, or a CacheBlend prompt file")],
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="the question (default: the file's 'query')")] = None,
     method: Annotated[str, typer.Option(help="blend, full or reuse")] = "blend",
-    recompute_ratio: RatioOpt = "0.15",
+    recompute_ratio: RatioOpt = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     precompute: Annotated[bool, typer.Option(help="encode chunks missing from the store first (not timed)")] = True,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the answer and stats here")] = None,

@@ -19,7 +19,7 @@ def serve(
     codec: CodecOpt = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    recompute_ratio: RatioOpt = "0.15",
+    recompute_ratio: RatioOpt = None,
     kv_cache_bytes: Annotated[str, typer.Option(help="vLLM's KV cache size, e.g. 1GiB")] = "1GiB",
     max_model_len: Annotated[Optional[int], typer.Option(min=2, help="longest prompt + answer (default: the model's)")] = None,
     precompute_misses: Annotated[bool, typer.Option(help="encode chunks missing from the store after answering")] = True,
@@ -41,7 +41,7 @@ def serve(
 
     try:
         cfg = KVBlendConfig(model=model, store=store_config(store, codec), device=device, dtype=dtype, threads=threads,
-                            blend=BlendConfig(recompute_ratio=recompute_ratio))
+                            blend=BlendConfig() if recompute_ratio is None else BlendConfig(recompute_ratio=recompute_ratio))
         folder = resolve_model(model)
         cache_bytes = parse_bytes(kv_cache_bytes)
         if not isinstance(cache_bytes, int):

@@ -60,7 +60,7 @@ def bench_ttft(kb: KVBlend, context_tokens: list[int], chunk_tokens: int, ratios
                datasets: Path | None = None, on_step=None) -> list[BenchRow]:
     text = corpus_text(datasets)
     rows = []
-    full_layers = (kb.config.blend.check_layers or [0])[0]
+    full_layers = (kb.config.blend.layers or [0])[0]
     for n in context_tokens:
         chunks = make_chunks(kb, text, n, chunk_tokens)
         kb.precompute(chunks)

@@ -6,9 +6,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from kvblend.eval.methods import MethodSpec
-
-DEFAULT_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+from kvblend.eval.methods import MethodSpec, split_top_level
 
 
 def frontier_methods(ratios: Iterable[float], extra: str = "", with_prefix: bool = False) -> str:
@@ -29,7 +27,10 @@ def parse_ratios(text: str) -> list[float]:
 
 
 def _label(spec: MethodSpec) -> str:
-    if spec.method == "blend" and spec.config is not None and spec.name.startswith("blend[recompute_ratio="):
+    """"r=R" for a point of a ratio sweep (a blend whose overrides are its ratio and at most its
+    selection), else the method's name."""
+    keys = {item.partition("=")[0].strip() for item in split_top_level(spec.name.partition("[")[2][:-1])}
+    if spec.method == "blend" and spec.config is not None and "recompute_ratio" in keys and keys <= {"recompute_ratio", "selection"}:
         return f"r={spec.config.recompute_ratio:g}"
     return spec.name
 
@@ -44,6 +45,9 @@ def plot_frontier(summary: dict[str, dict], specs: Sequence[MethodSpec], path: P
 
     fig, panels = plt.subplots(1, 2, figsize=(11, 4.2))
     sweep = [s for s in specs if _label(s).startswith("r=")]
+    lines: dict[str, list[MethodSpec]] = {}  # one line per ranking swept
+    for spec in sweep:
+        lines.setdefault(spec.config.selection, []).append(spec)
     for ax, key, name in ((panels[0], "kl_tf", "KL vs full prefill (teacher-forced, nats)"),
                           (panels[1], "first_token_agree", "first-token agreement with full prefill")):
         def point(spec: MethodSpec) -> tuple[float, float, tuple[float, float]]:
@@ -51,10 +55,11 @@ def plot_frontier(summary: dict[str, dict], specs: Sequence[MethodSpec], path: P
             lo, hi = row.get(f"{key}_ci") or (math.nan, math.nan)
             return row["speedup_vs_full"], row[key], (row[key] - lo, hi - row[key])
 
-        if sweep:
-            xs, ys, errs = zip(*(point(s) for s in sweep))
-            ax.errorbar(xs, ys, yerr=list(zip(*errs)), marker="o", capsize=3, label="blend")
-            for spec, x, y in zip(sweep, xs, ys):
+        for selection, members in lines.items():
+            xs, ys, errs = zip(*(point(s) for s in members))
+            label = "blend" if len(lines) == 1 else f"blend, selection={selection}"
+            ax.errorbar(xs, ys, yerr=list(zip(*errs)), marker="o", capsize=3, label=label)
+            for spec, x, y in zip(members, xs, ys):
                 ax.annotate(_label(spec), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         for spec in specs:
             if spec not in sweep and not spec.oracle:  # an oracle has no TTFT (it needs full prefill)

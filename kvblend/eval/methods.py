@@ -26,7 +26,7 @@ class MethodSpec:
     oracle: str | None = None  # the oracle ranking this blend uses (kvblend.eval.oracle)
 
 
-def _split_top_level(text: str, sep: str = ",") -> list[str]:
+def split_top_level(text: str, sep: str = ",") -> list[str]:
     parts, depth, cur = [], 0, ""
     for ch in text:
         depth += 1 if ch == "[" else -1 if ch == "]" else 0
@@ -42,7 +42,7 @@ def _split_top_level(text: str, sep: str = ",") -> list[str]:
 def parse_methods(text: str, base: BlendConfig) -> list[MethodSpec]:
     """Parse a comma-separated method list; `full` is always evaluated first (it is the reference)."""
     specs = []
-    for item in _split_top_level(text):
+    for item in split_top_level(text):
         name, _, body = item.partition("[")
         oracle = ORACLE_METHODS.get(name)
         if oracle:
@@ -54,7 +54,7 @@ def parse_methods(text: str, base: BlendConfig) -> list[MethodSpec]:
             if name != "blend" or not body.endswith("]"):
                 raise ValueError(f"bad method spec {item!r}: only blend takes [key=value,...] overrides")
             overrides = {}
-            for kv in _split_top_level(body[:-1]):
+            for kv in split_top_level(body[:-1]):
                 key, eq, value = kv.partition("=")
                 if not eq:
                     raise ValueError(f"bad override {kv!r} in {item!r}: expected key=value")

@@ -32,7 +32,7 @@ class RatioChoice:
 
 
 class LoadingController:
-    def __init__(self, min_ratio: float = 0.15):
+    def __init__(self, min_ratio: float = 0.08):
         self.min_ratio = min_ratio
         self.history: deque[RatioChoice] = deque(maxlen=1000)
         self._per_token_s: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
