@@ -191,6 +191,13 @@ def test_look_ahead_alone_recomputes_what_the_question_reads_most(kb):
     assert t.selected(recompute_ratio=0.05) != most
 
 
+def test_no_look_ahead_when_nothing_is_cached(kb):
+    """A prompt whose chunks all miss has nothing to rank: no extra pass over its fresh tokens."""
+    prompt = kb.build_prompt(CHUNKS, QUESTION)
+    state = kb.executor._start(torch.tensor(prompt.ids), [], prompt.starts()[-1], BlendConfig(), profile=False)
+    assert state.question_mass is None and state.n_cached == 0
+
+
 def test_look_ahead_weighs_the_deviation_by_what_the_question_reads(kb):
     """Equal deviation planted on 2b cached tokens: weighted by the look-ahead, the blend keeps the
     b of them the question attends most; plain deviation cannot tell them apart, and with no

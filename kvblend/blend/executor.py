@@ -180,7 +180,7 @@ class BlendExecutor:
         )
         positions = torch.arange(n, device=m.device)
         reuse_only = not s.checks and cfg.recompute_ratio == 0.0
-        if cfg.selection == "lookahead" and s.checks and s.ranking is None:
+        if cfg.selection == "lookahead" and s.checks and s.ranking is None and s.n_cached:  # nothing cached: nothing to rank
             if question_start is None:
                 raise ValueError('selection="lookahead" needs question_start (where the question begins)')
             with s.watch("lookahead"):
